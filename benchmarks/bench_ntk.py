@@ -1,0 +1,192 @@
+"""How fast is linft.ntk against the torch.func recipe and a per-sample backward loop?
+
+Setup (issue 2/3): a RoBERTa-base-shaped classifier (random weights), LoRA r=8 on
+query and value, sequence length 128, 2 labels, N = 256 ... 16384. Providers:
+
+- ``linft-torch-{fp32,bf16}``: linft.ntk, pure-torch backend;
+- ``linft-triton-{fp32,bf16}``: linft.ntk, Triton backend (when Triton runs here);
+- ``torch.func``: ``vmap(jacrev(f))`` then ``J J^T`` as in the PyTorch NTK tutorial,
+  on unpadded inputs without a mask (HF's mask builder breaks vmap);
+- ``loop``: one backward per sample and output (timed on a prefix, reported per sample);
+- ``floor-{fp32,bf16}``: one forward and C backward passes of the same model and
+  precision with no capture, per sample: what any method must pay.
+
+Every row reports time, ms per sample, peak GPU memory and the relative error
+against the torch.func kernel on the same inputs (computed where torch.func ran).
+
+    python benchmarks/bench_ntk.py                       # GPU, full sizes
+    python benchmarks/bench_ntk.py --device cpu --quick  # tiny, anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+import linft
+
+
+def build_model(args, device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+        max_position_embeddings=args.seq + 2, num_labels=2,
+    )
+    model = RobertaForSequenceClassification(cfg)
+    lora = LoraConfig(r=args.rank, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    return get_peft_model(model, lora).to(device).eval()
+
+
+def inputs(n, args, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, args.vocab, (n, args.seq), generator=g)
+    return {"input_ids": ids.to(device)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device):
+    """(seconds, peak GiB, result) of one run after the caller's warm-up."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak, out
+
+
+def lora_params(model):
+    return {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def torch_func_kernel(model, batch, chunk):
+    """The PyTorch NTK tutorial's recipe: per-sample Jacobians by vmap(jacrev), then J J^T."""
+    params = lora_params(model)
+
+    def f(theta, x):
+        return functional_call(model, theta, args=(), kwargs={"input_ids": x.unsqueeze(0)}).logits.squeeze(0)
+
+    ids = batch["input_ids"]
+    jac = [vmap(jacrev(f), (None, 0))(params, ids[s : s + chunk]) for s in range(0, len(ids), chunk)]
+    J = torch.cat([torch.cat([j[n].flatten(2) for n in params], dim=2) for j in jac])  # [N, C, P]
+    return torch.einsum("Naf,Mbf->NaMb", J, J)
+
+
+def loop_per_sample(model, batch, count):
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    rows = []
+    for i in range(count):
+        f = model(input_ids=batch["input_ids"][i : i + 1]).logits[0]
+        for a in range(f.shape[0]):
+            g = torch.autograd.grad(f[a], params, retain_graph=a < f.shape[0] - 1)
+            rows.append(torch.cat([x.flatten() for x in g]))
+    return torch.stack(rows)
+
+
+def floor(model, batch, precision, block):
+    """One forward + C backward passes per block, no capture: the cost floor."""
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    theta = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+    for n in theta:
+        if ".lora_" in n:
+            theta[n].requires_grad_(True)
+    leaves = [theta[n] for n, p in model.named_parameters() if ".lora_" in n]
+    assert len(leaves) == len(params)
+    ids = batch["input_ids"]
+    for s in range(0, len(ids), block):
+        f = functional_call(model, theta, args=(), kwargs={"input_ids": ids[s : s + block]}).logits
+        for a in range(f.shape[1]):
+            torch.autograd.grad(f[:, a].sum(), leaves, retain_graph=a < f.shape[1] - 1)
+
+
+def rel_error(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ns", default="256,1024,4096,16384")
+    p.add_argument("--providers", default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,linft-triton-bf16,torch.func,loop")
+    p.add_argument("--func-max-n", type=int, default=16384, help="largest N for torch.func")
+    p.add_argument("--loop-samples", type=int, default=64)
+    p.add_argument("--block", type=int, default=None, help="linft batch_size (default: automatic)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50265)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU check)")
+    p.add_argument("--json", help="write all rows here")
+    args = p.parse_args()
+    if args.quick:
+        args.ns, args.seq, args.hidden, args.layers, args.heads, args.vocab = "16,32", 16, 64, 2, 4, 500
+        args.loop_samples = 4
+    device = torch.device(args.device)
+    model = build_model(args, device)
+    providers = args.providers.split(",")
+    rows, reference = [], {}
+    for n in map(int, args.ns.split(",")):
+        batch = inputs(n, args, device)
+        if "torch.func" in providers and n <= args.func_max_n:
+            torch_func_kernel(model, inputs(4, args, device), 4)  # warm-up
+            secs, peak, K = measure(lambda: torch_func_kernel(model, batch, min(n, 1024)), device)
+            reference[n] = K.cpu()
+            rows.append(dict(provider="torch.func", N=n, seconds=secs, peak_gib=peak, rel_error=0.0))
+            del K
+        for prov in providers:
+            if prov.startswith("floor-"):
+                prec = prov.split("-")[1]
+                floor(model, inputs(8, args, device), prec, 8)
+                secs, peak, _ = measure(lambda: floor(model, batch, prec, min(n, 512)), device)
+                rows.append(dict(provider=prov, N=n, seconds=secs, peak_gib=peak, rel_error=float("nan")))
+            elif prov.startswith("linft-"):
+                _, backend, prec = prov.split("-")
+                run = lambda b=batch: linft.ntk(model, b, params="lora", precision=prec, backend=backend, batch_size=args.block, progress=False)  # noqa: E731
+                try:
+                    run(inputs(8, args, device))
+                except RuntimeError as err:  # backend not available here
+                    print(f"skip {prov}: {err}")
+                    continue
+                secs, peak, K = measure(run, device)
+                err = rel_error(K.cpu(), reference[n]) if n in reference else float("nan")
+                rows.append(dict(provider=prov, N=n, seconds=secs, peak_gib=peak, rel_error=err))
+                del K
+            elif prov == "loop" and n == min(map(int, args.ns.split(","))):
+                count = min(n, args.loop_samples)
+                secs, peak, J = measure(lambda: loop_per_sample(model, batch, count), device)
+                err = float("nan")
+                if n in reference:
+                    C = reference[n].shape[1]
+                    Jr = J.view(count, C, -1)
+                    err = rel_error(torch.einsum("iap,jbp->iajb", Jr, Jr).cpu(), reference[n][:count, :, :count])
+                rows.append(dict(provider="loop", N=count, seconds=secs, peak_gib=peak, rel_error=err))
+    print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print("| provider | N | time (s) | ms/sample | peak GPU GiB | rel. error vs torch.func |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['provider']} | {r['N']} | {r['seconds']:.3f} | {1e3 * r['seconds'] / r['N']:.3f} | {r['peak_gib']:.2f} | {r['rel_error']:.2e} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The public kernel functions of api.md: ``ntk``, ``layer_ntks``, ``jacobian``.
+
+``K[(i,a),(j,b)] = <d f_a(x_i)/d theta, d f_b(x_j)/d theta>`` over the selected
+parameters theta (Malladi et al. 2023; Afzal et al. 2025), computed blockwise:
+one forward and C backward passes per block of samples, per-sample Jacobian
+rows from the captured activations and output gradients, Gram tiles by GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backends import compute_dtype, kernel_dtype, matmul_precision, resolve_ops
+from .batches import Batch, blocks, check_same_keys, split
+from .blocks import JacobianEngine, iterate_blocks
+from .capture import build_plan
+from .checkpoint import Checkpoint, fingerprint
+from .gram import OUTPUTS, JacobianStore, assemble, kernel_signs
+from .model_state import evaluation_mode
+from .outputs import default_output
+from .params import ParamSpec, column_offsets, group_columns, parameter_dtype, select_params
+
+Inputs = Batch | Iterable[Batch]
+
+_CPU_BLOCK = 32
+_MAX_GPU_BLOCK = 512
+
+
+def _model_device(model: nn.Module, device) -> torch.device:
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is not None and torch.device(device) != here:
+        want = torch.device(device)
+        if not (want.type == here.type and want.index is None):
+            raise ValueError(
+                f"device={want} but the model is on {here}; move the model with model.to(device)"
+            )
+    return here
+
+
+def _block_size(batch_size, device: torch.device, num_columns: int, dtype: torch.dtype) -> int:
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        return int(batch_size)
+    if device.type != "cuda":
+        return _CPU_BLOCK
+    free, _ = torch.cuda.mem_get_info(device)
+    # J takes n*C*P elements; leave room for C <= 8 outputs and the activations.
+    per_sample = 8 * num_columns * torch.finfo(dtype).bits // 8
+    return int(max(1, min(_MAX_GPU_BLOCK, 0.2 * free // max(per_sample, 1))))
+
+
+def _store_budget(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    return 0.4 * free
+
+
+def _progress(progress, total: int):
+    if progress is False:
+        return None
+    return tqdm(total=total, unit="sample", desc="linft", disable=None if progress is None else False)
+
+
+def _kernels(
+    model: nn.Module,
+    inputs: Inputs,
+    inputs2: Inputs | None,
+    *,
+    output,
+    params: ParamSpec,
+    kernel: str,
+    outputs: str,
+    precision: str,
+    backend: str,
+    batch_size,
+    device,
+    out_device,
+    progress,
+    checkpoint,
+    groups: str | Callable[[str], str] | None,
+) -> dict[str, torch.Tensor]:
+    kernel_signs(kernel)  # validate before any work
+    if outputs not in OUTPUTS:
+        raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
+    dev = _model_device(model, device)
+    dtype = compute_dtype(precision, parameter_dtype(model))
+    kdtype = kernel_dtype(parameter_dtype(model))
+    ops = resolve_ops(backend, dev)
+    out_dev = dev if out_device is None else torch.device(out_device)
+    batches, n_rows = split(inputs, "inputs")
+    batches2, n_cols = (None, n_rows)
+    if inputs2 is not None:
+        batches2, n_cols = split(inputs2, "inputs2")
+        check_same_keys(batches, batches2)
+    selected = select_params(model, params)
+    offsets, num_columns = column_offsets(selected)
+    spans = {"all": [slice(0, num_columns)]} if groups is None else group_columns(selected, groups)
+    plan = build_plan(model, selected, offsets)
+    size = _block_size(batch_size, dev, num_columns, dtype)
+    ckpt = None
+    if checkpoint is not None:
+        settings = dict(kernel=kernel, outputs=outputs, precision=precision, groups=spans,
+                        params=[n for n, _ in selected], rows=n_rows, cols=n_cols, cross=inputs2 is not None)
+        key = fingerprint(settings, [t for b in batches + (batches2 or []) for t in b.values()
+                                     if isinstance(t, torch.Tensor)] + [p for p in model.parameters()])
+        ckpt = Checkpoint(checkpoint, key, size)
+        size = ckpt.block_size  # the block boundaries of the first run
+
+    def allocate(name: str, per: int) -> torch.Tensor:
+        if ckpt is not None:
+            return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype)
+        return torch.empty(n_rows * per, n_cols * per, dtype=kdtype, device=out_dev)
+
+    bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
+    with evaluation_mode(model), matmul_precision(precision):
+        engine = JacobianEngine(model, output or default_output, selected, plan, ops, dtype, dev)
+
+        def stream(side: str, parts, keep: bool):
+            if ckpt is None:
+                return iterate_blocks(engine, blocks(parts, size), bar)
+            load = (lambda s: ckpt.load(side, s)) if keep else None
+            return iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
+
+        rows = stream("rows", batches, keep=inputs2 is None)
+        cols = None if batches2 is None else stream("cols", batches2, keep=True)
+        try:
+            K, C = assemble(
+                rows, cols, spans, kernel, outputs, ops, kdtype,
+                JacobianStore(dev, _store_budget(dev)), allocate,
+                None if ckpt is None else ckpt.finish,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    shape = (n_rows, n_cols) if outputs == "trace" or C == 1 else (n_rows, C, n_cols, C)
+    return {name: k.view(shape) for name, k in K.items()}
+
+
+def ntk(
+    model: nn.Module,
+    inputs: Inputs,
+    inputs2: Inputs | None = None,
+    *,
+    output: Callable | None = None,
+    params: ParamSpec = "trainable",
+    kernel: str = "sgd",
+    outputs: str = "full",
+    precision: str = "fp32",
+    backend: str = "auto",
+    batch_size: int | None = None,
+    device=None,
+    out_device=None,
+    progress: bool | None = None,
+    checkpoint: str | None = None,
+) -> torch.Tensor:
+    """The empirical NTK ``K(X, X)`` (or the cross kernel ``K(X, X2)``).
+
+    ``kernel``: ``"sgd"`` ``<J_ia, J_jb>``, ``"signgd"`` ``<sign J_ia, sign J_jb>``,
+    ``"asym_signgd"`` ``<sign J_ia, J_jb>`` (Malladi et al. 2023). ``outputs="full"``
+    gives ``[N, C, M, C]``, ``"trace"`` the sum over ``a`` of ``K[(i,a),(j,a)]`` as
+    ``[N, M]``; with C = 1 both give ``[N, M]``. float32 (float64 for a float64
+    model); the symmetric kernel is exactly symmetric. See api.md for the rest.
+
+    ``checkpoint``: a directory; K is kept there in a memory-mapped file with
+    the finished Jacobian blocks, and a run that was stopped resumes from it
+    (same model, inputs and settings; the returned K then lives in that file).
+    ``progress``: a progress bar (None: only on a terminal).
+    """
+    return _kernels(
+        model, inputs, inputs2, output=output, params=params, kernel=kernel, outputs=outputs,
+        precision=precision, backend=backend, batch_size=batch_size, device=device,
+        out_device=out_device, progress=progress, checkpoint=checkpoint, groups=None,
+    )["all"]
+
+
+def layer_ntks(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    groups: str | Callable[[str], str] = "module",
+    inputs2: Inputs | None = None,
+    **ntk_kwargs,
+) -> dict[str, torch.Tensor]:
+    """One kernel per parameter group, from one pass over the data; they sum to ``ntk(...)``.
+
+    ``groups``: ``"module"`` (one per adapted module), ``"layer"`` (per transformer
+    block) or a callable ``name -> group``. ``K = sum_l K_l`` (Afzal et al. 2025).
+    """
+    defaults = dict(
+        output=None, params="trainable", kernel="sgd", outputs="full", precision="fp32",
+        backend="auto", batch_size=None, device=None, out_device=None, progress=None,
+        checkpoint=None,
+    )
+    unknown = set(ntk_kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"layer_ntks got unknown arguments {sorted(unknown)}")
+    return _kernels(model, inputs, inputs2, groups=groups, **{**defaults, **ntk_kwargs})
+
+
+def jacobian(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    output: Callable | None = None,
+    params: ParamSpec = "trainable",
+    precision: str = "fp32",
+    batch_size: int | None = None,
+    backend: str = "auto",
+    device=None,
+) -> torch.Tensor:
+    """The per-sample Jacobian ``d f_a(x_i) / d theta`` as ``[N, C, P]``.
+
+    Columns follow ``model.named_parameters()`` order, each parameter flattened
+    row-major. dtype: the computation's (bfloat16 for ``precision="bf16"``).
+    """
+    dev = _model_device(model, device)
+    dtype = compute_dtype(precision, parameter_dtype(model))
+    ops = resolve_ops(backend, dev)
+    batches, _ = split(inputs, "inputs")
+    selected = select_params(model, params)
+    offsets, num_columns = column_offsets(selected)
+    plan = build_plan(model, selected, offsets)
+    size = _block_size(batch_size, dev, num_columns, dtype)
+    with evaluation_mode(model), matmul_precision(precision):
+        engine = JacobianEngine(model, output or default_output, selected, plan, ops, dtype, dev)
+        return torch.cat([J for _, J, _ in iterate_blocks(engine, blocks(batches, size))], dim=0)

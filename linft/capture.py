@@ -1,0 +1,272 @@
+"""One forward and C backward passes per block, with hooks on the selected modules.
+
+A *plan* assigns every selected parameter to the cheapest exact way of getting
+its per-sample Jacobian columns:
+
+- ``LoraUnit``: a peft LoRA ``Linear`` (over ``nn.Linear`` or transformers'
+  ``Conv1D``): its input ``x`` and output gradient ``g`` give ``dA`` and ``dB``
+  for every active adapter (papers.md, "LoRA structure");
+- ``LinearUnit``: a plain ``nn.Linear`` / ``Conv1D`` (a head, full fine-tuning):
+  ``dW = sum_t g_t x_t^T``, ``db = sum_t g_t``;
+- generic: anything else (norms, embeddings, tied or DoRA weights) gets exact
+  per-sample gradients from one backward per sample and output.
+
+The backward passes ask autograd only for the gradients at the captured module
+outputs, so they stop at the earliest selected module and never form weight
+gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .params import lora_layer_class
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+@dataclass
+class LinearUnit:
+    """A plain linear module whose weight and/or bias are selected."""
+
+    name: str
+    module: nn.Module
+    col_W: int | None = None
+    col_b: int | None = None
+    transposed: bool = False  # Conv1D stores its weight as [d_in, d_out]
+
+
+@dataclass
+class LoraUnit:
+    """A peft LoRA Linear layer; ``cols`` maps adapter -> (col_A, col_B)."""
+
+    name: str
+    module: nn.Module
+    cols: dict[str, list[int | None]] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    units: list[LinearUnit | LoraUnit]
+    generic: list[tuple[str, int, int]]  # (parameter name, first column, numel)
+    num_columns: int
+
+    def generic_modules(self) -> list[str]:
+        return sorted({n.rsplit(".", 1)[0] for n, _, _ in self.generic})
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every (module name, module, attribute) holding each parameter, shared ones included."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod_name, module, attr))
+    return owners
+
+
+def _lora_parent(model: nn.Module, mod_name: str) -> tuple[str, nn.Module, str, str] | None:
+    """For ``<layer>.lora_A.<adapter>``, the LoRA layer, its name, container and adapter."""
+    parts = mod_name.split(".")
+    if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B"):
+        return None
+    layer_name = ".".join(parts[:-2])
+    layer = model.get_submodule(layer_name)
+    layer_cls = lora_layer_class()
+    if layer_cls is None or not isinstance(layer, layer_cls):
+        return None
+    return layer_name, layer, parts[-2], parts[-1]
+
+
+def _is_plain_lora_linear(layer: nn.Module, adapter: str) -> bool:
+    """Vanilla LoRA on a linear base: the formulas of papers.md hold exactly."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return False
+    variants = getattr(layer, "lora_variant", {}) or {}
+    use_dora = getattr(layer, "use_dora", {}) or {}
+    return (
+        type(layer) is LoraLinear
+        and adapter not in variants
+        and not use_dora.get(adapter, False)
+        and type(layer.lora_A[adapter]) is nn.Linear
+        and type(layer.lora_B[adapter]) is nn.Linear
+    )
+
+
+def build_plan(model: nn.Module, selected: list[tuple[str, nn.Parameter]], offsets: dict[str, int]) -> Plan:
+    owners = _owners(model)
+    conv1d = _conv1d_class()
+    lora_units: dict[str, LoraUnit] = {}
+    linear_units: dict[str, LinearUnit] = {}
+    generic: list[tuple[str, int, int]] = []
+    for name, p in selected:
+        col = offsets[name]
+        holders = owners.get(id(p), [])
+        if len(holders) != 1:  # tied or unowned: only the leaf itself sees every use
+            generic.append((name, col, p.numel()))
+            continue
+        mod_name, module, attr = holders[0]
+        lora = _lora_parent(model, mod_name)
+        if lora is not None:
+            layer_name, layer, container, adapter = lora
+            if attr == "weight" and _is_plain_lora_linear(layer, adapter):
+                unit = lora_units.setdefault(layer_name, LoraUnit(layer_name, layer))
+                cols = unit.cols.setdefault(adapter, [None, None])
+                cols[0 if container == "lora_A" else 1] = col
+            else:
+                generic.append((name, col, p.numel()))
+            continue
+        is_linear = type(module) is nn.Linear
+        is_conv1d = conv1d is not None and type(module) is conv1d
+        if (is_linear or is_conv1d) and attr in ("weight", "bias"):
+            unit = linear_units.setdefault(mod_name, LinearUnit(mod_name, module, transposed=is_conv1d))
+            setattr(unit, "col_W" if attr == "weight" else "col_b", col)
+            continue
+        generic.append((name, col, p.numel()))
+    units: list[LinearUnit | LoraUnit] = [*lora_units.values(), *linear_units.values()]
+    num_columns = sum(p.numel() for _, p in selected)
+    return Plan(units, generic, num_columns)
+
+
+@dataclass
+class _Call:
+    x: torch.Tensor  # [n, T, d_in], detached
+    y: torch.Tensor  # the module output, still in the graph
+    adapters: tuple[str, ...] = ()
+
+
+class Capture:
+    """Forward hooks recording each unit's input and output while enabled."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.calls: list[list[_Call]] = [[] for _ in plan.units]
+        self.enabled = True
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Capture:
+        for i, unit in enumerate(self.plan.units):
+            hook = self._lora_hook(i) if isinstance(unit, LoraUnit) else self._linear_hook(i)
+            self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self.calls = [[] for _ in self.plan.units]
+
+    @staticmethod
+    def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("a hooked linear module was called without a tensor input")
+        return x
+
+    def _linear_hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            if self.enabled:
+                self.calls[i].append(_Call(self._input(args, kwargs).detach(), output))
+
+        return hook
+
+    def _lora_hook(self, i: int):
+        unit = self.plan.units[i]
+
+        def hook(module, args, kwargs, output):
+            if not self.enabled:
+                return
+            if kwargs.get("adapter_names") is not None:
+                raise ValueError(
+                    f"{unit.name} was called with adapter_names (mixed-adapter batch); "
+                    "linft needs one set of active adapters: call model.set_adapter(...) instead"
+                )
+            if module.disable_adapters or module.merged:
+                return  # the adapters do not take part in this forward
+            active = tuple(a for a in module.active_adapters if a in unit.cols)
+            if active:
+                self.calls[i].append(_Call(self._input(args, kwargs).detach(), output, active))
+
+        return hook
+
+
+def _tokens(t: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    """View a captured activation as [n, T, d]."""
+    if t.dim() < 2 or t.shape[0] != n:
+        raise ValueError(
+            f"{where}: activation of shape {tuple(t.shape)} has no leading sample dimension of "
+            f"size {n}, so per-sample Jacobians cannot be read off it; select this module's "
+            "parameters out of params, or file an issue with the model class"
+        )
+    return t.reshape(n, -1, t.shape[-1]) if t.dim() != 2 else t.unsqueeze(1)
+
+
+def unit_tensors(
+    calls: list[_Call],
+    grads: list[list[torch.Tensor | None]],
+    n: int,
+    attention_mask: torch.Tensor | None,
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Concatenate a unit's calls along the token axis: x [n, T, d_in], g [n, C, T, d_out], mask.
+
+    A module called several times in one forward contributes the sum over its
+    calls, which is the sum over the concatenated tokens.
+    """
+    xs, gs, masks = [], [], []
+    for call, g_call in zip(calls, grads):
+        x = _tokens(call.x, n, where)
+        g = torch.stack(
+            [torch.zeros_like(call.y) if g is None else g for g in g_call], dim=1
+        )  # [n, C, *y.shape[1:]]
+        g = g.reshape(n, g.shape[1], x.shape[1], -1)
+        xs.append(x)
+        gs.append(g)
+        aligned = (
+            attention_mask is not None
+            and call.x.dim() == 3
+            and call.x.shape[1] == attention_mask.shape[1]
+        )
+        masks.append(attention_mask.bool() if aligned else None)
+    if all(m is None for m in masks):
+        mask = None
+    else:
+        mask = torch.cat(
+            [torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device) if m is None else m
+             for m, x in zip(masks, xs)],
+            dim=1,
+        )
+        if bool(mask.all()):
+            mask = None
+    if len(xs) == 1:
+        return xs[0], gs[0], mask
+    return torch.cat(xs, dim=1), torch.cat(gs, dim=2), mask
+
+
+def warn_unused(plan: Plan, capture: Capture) -> None:
+    unused = []
+    for unit, calls in zip(plan.units, capture.calls):
+        if isinstance(unit, LoraUnit):
+            seen = {a for call in calls for a in call.adapters}
+            unused += [f"{unit.name} (adapter {a!r})" for a in unit.cols if a not in seen]
+        elif not calls:
+            unused.append(unit.name)
+    if unused:
+        warnings.warn(
+            f"selected parameters of {unused} took no part in the forward pass (inactive, "
+            "disabled or merged adapter?); their Jacobian columns are zero",
+            stacklevel=3,
+        )

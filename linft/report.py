@@ -1,0 +1,104 @@
+"""Kernel analysis report: the kernel, its spectrum, a layer ranking; JSON, plot, safetensors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .api import layer_ntks
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def spectrum_summary(K: torch.Tensor, ridge: float, top: int) -> dict:
+    from . import spectrum
+
+    s = spectrum(K, ridge=ridge)
+    return {
+        "size": int(s.eigenvalues.numel()),
+        "top_eigenvalues": [float(v) for v in s.eigenvalues[:top]],
+        "lambda_max": float(s.lambda_max),
+        "lambda_min": float(s.lambda_min),
+        "condition_number": _finite(float(s.condition_number)),
+        "rank": int(s.rank),
+        "trace": float(s.trace),
+        "effective_rank": float(s.effective_rank),
+        "stable_rank": float(s.stable_rank),
+        "decay_exponent": _finite(float(s.decay_exponent)),
+        "decay_fit_range": [int(i) for i in s.decay_fit_range],
+        "ridge": ridge,
+    }
+
+
+def analyze(model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs) -> tuple[dict, torch.Tensor]:
+    """The report dict and the kernel. Per-module kernels come from the same
+    pass as the full one (``K = sum_l K_l``); modules are ranked by the
+    condition number of ``K_l + ridge I`` (smallest first)."""
+    parts = layer_ntks(model, inputs, groups="module", **ntk_kwargs)
+    K = sum(parts.values())
+    layers = {name: spectrum_summary(k, ridge, top=3) for name, k in parts.items()}
+
+    def key(name):
+        c = layers[name]["condition_number"]
+        return float(c) if isinstance(c, float) else float("inf")
+
+    ranking = sorted(layers, key=key)
+    report = {
+        "kernel_shape": list(K.shape),
+        "spectrum": spectrum_summary(K, ridge, top),
+        "layers": {name: layers[name] for name in ranking},
+        "layer_ranking": ranking,
+    }
+    return report, K
+
+
+def format_report(report: dict) -> str:
+    s = report["spectrum"]
+    lines = [
+        f"kernel {' x '.join(map(str, report['kernel_shape']))}",
+        "top eigenvalues: " + ", ".join(f"{v:.4g}" for v in s["top_eigenvalues"]),
+        f"condition number: {s['condition_number'] if isinstance(s['condition_number'], str) else format(s['condition_number'], '.4g')}"
+        f"  (lambda_max {s['lambda_max']:.4g}, lambda_min {s['lambda_min']:.4g}, rank {s['rank']}/{s['size']})",
+        f"effective rank {s['effective_rank']:.4g}, stable rank {s['stable_rank']:.4g}, "
+        f"decay exponent {s['decay_exponent'] if isinstance(s['decay_exponent'], str) else format(s['decay_exponent'], '.3g')}",
+        "modules by condition number of their own kernel (best first):",
+    ]
+    for name in report["layer_ranking"]:
+        c = report["layers"][name]["condition_number"]
+        lines.append(f"  {c if isinstance(c, str) else format(c, '.4g'):>12}  {name}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, K: torch.Tensor, out_dir: str | Path, plot: bool = True) -> list[Path]:
+    """report.json, kernel.safetensors and (with matplotlib) spectrum.png in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json", out / "kernel.safetensors"]
+    written[0].write_text(json.dumps(report, indent=2))
+    save_file({"kernel": K.detach().cpu().contiguous()}, str(written[1]))
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return written
+        eig = torch.linalg.eigvalsh(K.reshape(int(math.isqrt(K.numel())), -1).double()).flip(0)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.loglog(range(1, eig.numel() + 1), eig.clamp_min(1e-300).cpu().numpy())
+        ax.set_xlabel("index j")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title("eNTK spectrum")
+        fig.tight_layout()
+        fig.savefig(out / "spectrum.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "spectrum.png")
+    return written

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set linft up in ./.venv, then run what was asked:
+#   bash scripts/setup.sh demo    # linft demo: a small built-in model and task, offline
+#   bash scripts/setup.sh test    # the test suite
+#   bash scripts/setup.sh         # set up only
+# The venv sees the system's packages, so a torch already installed (CUDA or
+# not) is used as it is and never replaced; without one, torch==2.13.0 is
+# installed. Set PYTHON to choose the interpreter (3.10+).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"linft needs Python 3.10+, this is {sys.version.split()[0]}; set PYTHON=python3.x")
+PY
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install --quiet "torch==2.13.0"
+fi
+# Triton only where it can run (Linux x86-64); a CUDA torch usually brings it.
+EXTRAS=test
+if "$VPY" -c "import platform,sys; sys.exit(not (sys.platform=='linux' and platform.machine()=='x86_64'))"; then
+  EXTRAS=test,triton
+fi
+# No build isolation: the C++ extension builds against the torch installed here,
+# rather than a fresh (several GB) one pip would fetch into a build environment.
+"$VPY" -m pip install --quiet --no-build-isolation -e ".[$EXTRAS]"
+case "${1:-}" in
+  demo) shift; exec .venv/bin/linft demo "$@" ;;
+  test) shift; exec "$VPY" -m pytest -q -p no:cacheprovider tests "$@" ;;
+  "") echo "linft is set up in .venv: .venv/bin/linft --help" ;;
+  *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,91 @@
+"""Small Hugging Face + peft models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+)
+
+import linft
+
+VOCAB = 97
+MASK_ID = 4
+LABEL_WORDS = [11, 23, 42]
+
+
+def _roberta_config(**kw) -> RobertaConfig:
+    return RobertaConfig(
+        vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=29, max_position_embeddings=40, pad_token_id=1, **kw,
+    )
+
+
+def roberta_classifier(num_labels: int = 3, **lora):
+    model = RobertaForSequenceClassification(_roberta_config(num_labels=num_labels))
+    cfg = LoraConfig(
+        r=3, lora_alpha=6, target_modules=["query", "value"], init_lora_weights=False,
+        modules_to_save=["classifier"], **lora,
+    )
+    return get_peft_model(model, cfg)
+
+
+def roberta_mlm():
+    model = RobertaForMaskedLM(_roberta_config())
+    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"], init_lora_weights=False)
+    return get_peft_model(model, cfg), linft.outputs.mask_token(LABEL_WORDS, MASK_ID)
+
+
+def gpt2(**lora):
+    config = GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
+    cfg = LoraConfig(
+        r=3, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+        init_lora_weights=False, **lora,
+    )
+    return get_peft_model(GPT2LMHeadModel(config), cfg), linft.outputs.last_token(LABEL_WORDS)
+
+
+def llama():
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    cfg = LoraConfig(
+        r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    return get_peft_model(LlamaForCausalLM(config), cfg), linft.outputs.last_token(LABEL_WORDS)
+
+
+def token_batch(lengths: list[int], *, pad_id: int = 1, left: bool = False, mask_token: bool = False):
+    """Random token ids padded to the longest length, with the attention mask."""
+    n, t = len(lengths), max(lengths)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        row = torch.randint(5, VOCAB, (length,))
+        if mask_token:
+            row[torch.randint(0, length, ()).item()] = MASK_ID
+        cols = slice(t - length, t) if left else slice(0, length)
+        ids[i, cols] = row
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_lengths(n: int, low: int = 2, high: int = 9) -> list[int]:
+    lengths = torch.randint(low, high + 1, (n,)).tolist()
+    lengths[0] = high  # at least one full row, at least one padded (for n > 1)
+    if n > 1:
+        lengths[-1] = min(lengths[-1], high - 2)
+    return lengths
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]

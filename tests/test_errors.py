@@ -1,0 +1,141 @@
+"""Bad input gets a clear error naming the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import gpt2, random_lengths, roberta_classifier, roberta_mlm, token_batch
+
+import linft
+
+
+@pytest.fixture
+def model():
+    return roberta_classifier()
+
+
+@pytest.fixture
+def batch():
+    return token_batch(random_lengths(4), pad_id=1)
+
+
+def test_params_matching_nothing(model, batch):
+    with pytest.raises(ValueError, match=r"\['\*nothing\*'\] match no parameter"):
+        linft.ntk(model, batch, params=["*lora_A*", "*nothing*"])
+    with pytest.raises(ValueError, match="selects no parameter"):
+        linft.ntk(model, batch, params=lambda n, p: False)
+
+
+def test_nothing_trainable(model, batch):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match='params="trainable"'):
+        linft.ntk(model, batch)
+
+
+def test_three_d_logits_need_an_output_helper():
+    model, _ = roberta_mlm()
+    batch = token_batch(random_lengths(3), pad_id=1, mask_token=True)
+    with pytest.raises(ValueError, match=r"linft\.outputs\.last_token.*linft\.outputs\.mask_token"):
+        linft.ntk(model, batch)
+
+
+def test_mask_token_missing():
+    model, output = roberta_mlm()
+    batch = token_batch(random_lengths(3), pad_id=1)
+    with pytest.raises(ValueError, match="mask tokens"):
+        linft.ntk(model, batch, output=output)
+
+
+def test_mismatched_batch_sizes(model, batch):
+    batch["attention_mask"] = batch["attention_mask"][:3]
+    with pytest.raises(ValueError, match="disagree on the number of samples"):
+        linft.ntk(model, batch)
+
+
+def test_mismatched_keys(model, batch):
+    other = {"input_ids": batch["input_ids"]}
+    with pytest.raises(ValueError, match="same keys"):
+        linft.ntk(model, [batch, other])
+    with pytest.raises(ValueError, match="inputs2"):
+        linft.ntk(model, batch, other)
+
+
+def test_output_not_a_function_of_the_parameters(model, batch):
+    with pytest.raises(ValueError, match="not a function of the selected parameters"):
+        linft.ntk(model, batch, output=lambda out, b: out.logits.detach())
+
+
+def _on_second_block(transform):
+    """An output that applies ``transform`` to the logits of the second block only."""
+    calls = []
+
+    def output(out, b):
+        calls.append(1)
+        return transform(out.logits) if len(calls) == 2 else out.logits
+
+    return output
+
+
+def test_nan_output_names_the_sample(model, batch):
+    def poison(logits):
+        bad = torch.zeros_like(logits)
+        bad[1, 0] = float("nan")
+        return logits + bad
+
+    output = _on_second_block(poison)
+
+    with pytest.raises(FloatingPointError, match="sample 3"):
+        linft.ntk(model, batch, output=output, batch_size=2)
+
+
+def test_inf_jacobian_names_the_sample(model, batch):
+    def kink(logits):
+        bend = torch.sqrt((logits[0, 0] - logits[0, 0].detach()).abs())  # value 0, slope inf
+        return torch.cat([logits[:1] + bend, logits[1:]])
+
+    output = _on_second_block(kink)
+
+    with pytest.raises(FloatingPointError, match="Jacobian of sample 2"):
+        linft.ntk(model, batch, output=output, batch_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"kernel": "adam"}, "unknown kernel 'adam'"),
+        ({"outputs": "diag"}, "unknown outputs 'diag'"),
+        ({"precision": "fp16"}, "unknown precision 'fp16'"),
+        ({"backend": "cuda"}, "unknown backend 'cuda'"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
+def test_unknown_options(model, batch, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        linft.ntk(model, batch, **kwargs)
+
+
+def test_triton_backend_without_a_gpu_is_an_error(model, batch, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run the Triton backend")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match='backend="triton" cannot run'):
+        linft.ntk(model, batch, backend="triton")
+
+
+def test_inputs_of_the_wrong_type(model):
+    with pytest.raises(TypeError, match="mapping of tensors"):
+        linft.ntk(model, torch.zeros(3, 4))
+
+
+def test_unknown_groups(model, batch):
+    with pytest.raises(ValueError, match='groups must be "module", "layer"'):
+        linft.layer_ntks(model, batch, groups="block")
+
+
+def test_last_token_rejects_empty_rows():
+    model, output = gpt2()
+    batch = token_batch([4, 3], pad_id=0)
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="all zeros"):
+        linft.ntk(model, batch, output=output)
