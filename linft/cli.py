@@ -19,8 +19,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, batch, _ = demo_task(seed=args.seed)
     n = batch["input_ids"].shape[0]
-    print(f"linft demo: {n} sentences, RoBERTa-shaped classifier (random weights), LoRA r=4 on query/value + head")
-    report, K = analyze(model, batch, ridge=args.ridge, top=args.top, progress=False)
+    print(
+        f"linft demo: {n} sentences, 2 labels; RoBERTa-shaped classifier (4 layers, random weights), "
+        "LoRA r=4 on query/value; kernel over the LoRA weights"
+    )
+    report, K = analyze(model, batch, ridge=args.ridge, top=args.top, params="lora", progress=False)
     print(format_report(report))
     if args.out:
         for path in write_report(report, K, args.out):

@@ -15,12 +15,12 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def spectrum_summary(K: torch.Tensor, ridge: float, top: int) -> dict:
-    from . import spectrum
+def spectrum_summary(K: torch.Tensor, ridge: float, top: int, all_values: bool = False) -> dict:
+    from .spectrum import spectrum
 
     s = spectrum(K, ridge=ridge)
-    return {
-        "size": int(s.eigenvalues.numel()),
+    summary = {
+        "size": int(s.n),
         "top_eigenvalues": [float(v) for v in s.eigenvalues[:top]],
         "lambda_max": float(s.lambda_max),
         "lambda_min": float(s.lambda_min),
@@ -33,6 +33,9 @@ def spectrum_summary(K: torch.Tensor, ridge: float, top: int) -> dict:
         "decay_fit_range": [int(i) for i in s.decay_fit_range],
         "ridge": ridge,
     }
+    if all_values:
+        summary["eigenvalues"] = [float(v) for v in s.eigenvalues]
+    return summary
 
 
 def analyze(model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs) -> tuple[dict, torch.Tensor]:
@@ -50,7 +53,7 @@ def analyze(model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs) -
     ranking = sorted(layers, key=key)
     report = {
         "kernel_shape": list(K.shape),
-        "spectrum": spectrum_summary(K, ridge, top),
+        "spectrum": spectrum_summary(K, ridge, top, all_values=True),
         "layers": {name: layers[name] for name in ranking},
         "layer_ranking": ranking,
     }
@@ -91,9 +94,9 @@ def write_report(report: dict, K: torch.Tensor, out_dir: str | Path, plot: bool 
             import matplotlib.pyplot as plt
         except ImportError:
             return written
-        eig = torch.linalg.eigvalsh(K.reshape(int(math.isqrt(K.numel())), -1).double()).flip(0)
+        eig = [v for v in report["spectrum"]["eigenvalues"] if v > 0]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.loglog(range(1, eig.numel() + 1), eig.clamp_min(1e-300).cpu().numpy())
+        ax.loglog(range(1, len(eig) + 1), eig)
         ax.set_xlabel("index j")
         ax.set_ylabel("eigenvalue")
         ax.set_title("eNTK spectrum")

@@ -28,8 +28,12 @@ def _roberta_config(**kw) -> RobertaConfig:
     )
 
 
-def roberta_classifier(num_labels: int = 3, **lora):
-    model = RobertaForSequenceClassification(_roberta_config(num_labels=num_labels))
+def roberta_base_classifier(num_labels: int = 3):
+    return RobertaForSequenceClassification(_roberta_config(num_labels=num_labels))
+
+
+def roberta_classifier(num_labels: int = 3, base=None, **lora):
+    model = roberta_base_classifier(num_labels) if base is None else base
     cfg = LoraConfig(
         r=3, lora_alpha=6, target_modules=["query", "value"], init_lora_weights=False,
         modules_to_save=["classifier"], **lora,
