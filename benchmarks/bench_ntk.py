@@ -36,12 +36,18 @@ def build_model(args, device):
 
     torch.manual_seed(0)
     cfg = RobertaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-        max_position_embeddings=args.seq + 2, num_labels=2,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=args.seq + 2,
+        num_labels=2,
     )
     model = RobertaForSequenceClassification(cfg)
-    lora = LoraConfig(r=args.rank, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False
+    )
     return get_peft_model(model, lora).to(device).eval()
 
 
@@ -56,14 +62,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, device):
-    """(seconds, peak GiB, result) of one run after the caller's warm-up."""
+def measure(fn, device, *args, **kwargs):
+    """(seconds, peak GiB, result) of one ``fn(*args, **kwargs)`` after the caller's warm-up."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     sync(device)
     seconds = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -79,10 +85,14 @@ def torch_func_kernel(model, batch, chunk):
     params = lora_params(model)
 
     def f(theta, x):
-        return functional_call(model, theta, args=(), kwargs={"input_ids": x.unsqueeze(0)}).logits.squeeze(0)
+        return functional_call(
+            model, theta, args=(), kwargs={"input_ids": x.unsqueeze(0)}
+        ).logits.squeeze(0)
 
     ids = batch["input_ids"]
-    jac = [vmap(jacrev(f), (None, 0))(params, ids[s : s + chunk]) for s in range(0, len(ids), chunk)]
+    jac = [
+        vmap(jacrev(f), (None, 0))(params, ids[s : s + chunk]) for s in range(0, len(ids), chunk)
+    ]
     J = torch.cat([torch.cat([j[n].flatten(2) for n in params], dim=2) for j in jac])  # [N, C, P]
     return torch.einsum("Naf,Mbf->NaMb", J, J)
 
@@ -120,13 +130,19 @@ def rel_error(a, b):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ns", default="256,1024,4096,16384")
-    p.add_argument("--providers", default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,linft-triton-bf16,torch.func,loop")
+    p.add_argument(
+        "--providers",
+        default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,linft-triton-bf16,torch.func,loop",
+    )
     p.add_argument("--func-max-n", type=int, default=16384, help="largest N for torch.func")
     p.add_argument("--loop-samples", type=int, default=64)
     p.add_argument("--block", type=int, default=None, help="linft batch_size (default: automatic)")
+    p.add_argument("--out-device", default=None, help="where linft keeps K (cpu for N*C > ~90k)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
@@ -137,52 +153,70 @@ def main():
     p.add_argument("--json", help="write all rows here")
     args = p.parse_args()
     if args.quick:
-        args.ns, args.seq, args.hidden, args.layers, args.heads, args.vocab = "16,32", 16, 64, 2, 4, 500
+        args.ns, args.seq, args.hidden, args.layers, args.heads, args.vocab = (
+            "16,32",
+            16,
+            64,
+            2,
+            4,
+            500,
+        )
         args.loop_samples = 4
     device = torch.device(args.device)
     model = build_model(args, device)
     providers = args.providers.split(",")
+    sizes = [int(n) for n in args.ns.split(",")]
     rows, reference = [], {}
-    for n in map(int, args.ns.split(",")):
+
+    def record(provider, n, secs, peak, err):
+        rows.append(dict(provider=provider, N=n, seconds=secs, peak_gib=peak, rel_error=err))
+
+    for n in sizes:
         batch = inputs(n, args, device)
         if "torch.func" in providers and n <= args.func_max_n:
             torch_func_kernel(model, inputs(4, args, device), 4)  # warm-up
-            secs, peak, K = measure(lambda: torch_func_kernel(model, batch, min(n, 1024)), device)
+            secs, peak, K = measure(torch_func_kernel, device, model, batch, min(n, 1024))
             reference[n] = K.cpu()
-            rows.append(dict(provider="torch.func", N=n, seconds=secs, peak_gib=peak, rel_error=0.0))
+            record("torch.func", n, secs, peak, 0.0)
             del K
         for prov in providers:
             if prov.startswith("floor-"):
                 prec = prov.split("-")[1]
                 floor(model, inputs(8, args, device), prec, 8)
-                secs, peak, _ = measure(lambda: floor(model, batch, prec, min(n, 512)), device)
-                rows.append(dict(provider=prov, N=n, seconds=secs, peak_gib=peak, rel_error=float("nan")))
+                secs, peak, _ = measure(floor, device, model, batch, prec, min(n, 512))
+                record(prov, n, secs, peak, float("nan"))
             elif prov.startswith("linft-"):
                 _, backend, prec = prov.split("-")
-                run = lambda b=batch: linft.ntk(model, b, params="lora", precision=prec, backend=backend, batch_size=args.block, progress=False)  # noqa: E731
+                kw = dict(params="lora", precision=prec, backend=backend, progress=False)
+                kw.update(batch_size=args.block, out_device=args.out_device)
                 try:
-                    run(inputs(8, args, device))
+                    linft.ntk(model, inputs(8, args, device), **kw)  # warm-up
                 except RuntimeError as err:  # backend not available here
                     print(f"skip {prov}: {err}")
                     continue
-                secs, peak, K = measure(run, device)
+                secs, peak, K = measure(linft.ntk, device, model, batch, **kw)
                 err = rel_error(K.cpu(), reference[n]) if n in reference else float("nan")
-                rows.append(dict(provider=prov, N=n, seconds=secs, peak_gib=peak, rel_error=err))
+                record(prov, n, secs, peak, err)
                 del K
-            elif prov == "loop" and n == min(map(int, args.ns.split(","))):
+            elif prov == "loop" and n == min(sizes):
                 count = min(n, args.loop_samples)
-                secs, peak, J = measure(lambda: loop_per_sample(model, batch, count), device)
+                secs, peak, J = measure(loop_per_sample, device, model, batch, count)
                 err = float("nan")
                 if n in reference:
-                    C = reference[n].shape[1]
-                    Jr = J.view(count, C, -1)
-                    err = rel_error(torch.einsum("iap,jbp->iajb", Jr, Jr).cpu(), reference[n][:count, :, :count])
-                rows.append(dict(provider="loop", N=count, seconds=secs, peak_gib=peak, rel_error=err))
-    print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+                    Jr = J.view(count, reference[n].shape[1], -1)
+                    K = torch.einsum("iap,jbp->iajb", Jr, Jr).cpu()
+                    err = rel_error(K, reference[n][:count, :, :count])
+                record("loop", count, secs, peak, err)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndevice: {name}, torch {torch.__version__}")
     print("| provider | N | time (s) | ms/sample | peak GPU GiB | rel. error vs torch.func |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['provider']} | {r['N']} | {r['seconds']:.3f} | {1e3 * r['seconds'] / r['N']:.3f} | {r['peak_gib']:.2f} | {r['rel_error']:.2e} |")
+        ms = 1e3 * r["seconds"] / r["N"]
+        print(
+            f"| {r['provider']} | {r['N']} | {r['seconds']:.3f} | {ms:.3f} | "
+            f"{r['peak_gib']:.2f} | {r['rel_error']:.2e} |"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -1,43 +1,34 @@
 """linft: empirical neural tangent kernels of (LoRA) fine-tuned language models.
 
-The public names of ``shared/design/api.md`` are loaded on first use, so
-``import linft`` is cheap and needs neither a GPU, Triton nor the compiled
-extension.
+``import linft`` needs neither a GPU, Triton nor the compiled extension: each
+fast path is loaded when first used, and pure torch serves when it is absent.
 """
 
-from importlib import import_module
-
-# Bound after their modules load: linft.jacobian / linft.ntk are functions here,
-# not the modules of the same name.
+# Submodules first, then the functions: linft.jacobian, linft.ntk and
+# linft.spectrum name the public functions, not the modules of the same name.
 from . import outputs, params
 from .api import jacobian, layer_ntks, ntk
+from .dynamics import kernel_regression, linearized_loss, min_lora_rank, steps_to_loss
+from .eig import Eig, topk_eigh
+from .select import Selection, select_layers
+from .spectrum import Spectrum, spectrum
 
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "topk_eigh": "linft.eig",
-    "Eig": "linft.eig",
-    "spectrum": "linft.spectrum",
-    "Spectrum": "linft.spectrum",
-    "select_layers": "linft.select",
-    "Selection": "linft.select",
-    "kernel_regression": "linft.dynamics",
-    "linearized_loss": "linft.dynamics",
-    "steps_to_loss": "linft.dynamics",
-    "min_lora_rank": "linft.dynamics",
-}
-
-__all__ = sorted([*_PUBLIC, "jacobian", "layer_ntks", "ntk", "outputs", "params"])
-
-
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'linft' has no attribute {name!r}")
-    module = import_module(_PUBLIC[name])
-    value = module if module.__name__ == f"linft.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "Eig",
+    "Selection",
+    "Spectrum",
+    "jacobian",
+    "kernel_regression",
+    "layer_ntks",
+    "linearized_loss",
+    "min_lora_rank",
+    "ntk",
+    "outputs",
+    "params",
+    "select_layers",
+    "spectrum",
+    "steps_to_loss",
+    "topk_eigh",
+]

@@ -8,7 +8,7 @@ rows from the captured activations and output gradients, Gram tiles by GEMM.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -54,17 +54,24 @@ def _block_size(batch_size, device: torch.device, num_columns: int, dtype: torch
     return int(max(1, min(_MAX_GPU_BLOCK, 0.2 * free // max(per_sample, 1))))
 
 
-def _store_budget(device: torch.device) -> float:
+def _store_budget(device: torch.device, kernel_bytes: int, kernel_device: torch.device) -> float:
+    """Device bytes for stored J blocks: what K (if it is on this device) and the
+    block's own work (a quarter of the free memory) leave. Blocks past it wait in
+    host memory and are copied back for each later tile, so a budget that holds all
+    of J is much faster."""
     if device.type != "cuda":
         return float("inf")
     free, _ = torch.cuda.mem_get_info(device)
-    return 0.4 * free
+    on_device = kernel_bytes if kernel_device == device else 0
+    return max(0.0, 0.75 * free - on_device)
 
 
 def _progress(progress, total: int):
     if progress is False:
         return None
-    return tqdm(total=total, unit="sample", desc="linft", disable=None if progress is None else False)
+    return tqdm(
+        total=total, unit="sample", desc="linft", disable=None if progress is None else False
+    )
 
 
 def _kernels(
@@ -105,10 +112,26 @@ def _kernels(
     size = _block_size(batch_size, dev, num_columns, dtype)
     ckpt = None
     if checkpoint is not None:
-        settings = dict(kernel=kernel, outputs=outputs, precision=precision, groups=spans,
-                        params=[n for n, _ in selected], rows=n_rows, cols=n_cols, cross=inputs2 is not None)
-        key = fingerprint(settings, [t for b in batches + (batches2 or []) for t in b.values()
-                                     if isinstance(t, torch.Tensor)] + [p for p in model.parameters()])
+        settings = dict(
+            kernel=kernel,
+            outputs=outputs,
+            precision=precision,
+            groups=spans,
+            params=[n for n, _ in selected],
+            rows=n_rows,
+            cols=n_cols,
+            cross=inputs2 is not None,
+        )
+        key = fingerprint(
+            settings,
+            [
+                t
+                for b in batches + (batches2 or [])
+                for t in b.values()
+                if isinstance(t, torch.Tensor)
+            ]
+            + [p for p in model.parameters()],
+        )
         ckpt = Checkpoint(checkpoint, key, size)
         size = ckpt.block_size  # the block boundaries of the first run
 
@@ -117,6 +140,10 @@ def _kernels(
             return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype)
         return torch.empty(n_rows * per, n_cols * per, dtype=kdtype, device=out_dev)
 
+    if ckpt is not None:
+        out_dev = torch.device("cpu")  # the memory-mapped file
+    # C is known after the first block; budget for up to 8 outputs per sample.
+    kernel_bytes = len(spans) * (8 * n_rows) * (8 * n_cols) * torch.finfo(kdtype).bits // 8
     bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
     with evaluation_mode(model), matmul_precision(precision):
         engine = JacobianEngine(model, output or default_output, selected, plan, ops, dtype, dev)
@@ -131,8 +158,15 @@ def _kernels(
         cols = None if batches2 is None else stream("cols", batches2, keep=True)
         try:
             K, C = assemble(
-                rows, cols, spans, kernel, outputs, ops, kdtype,
-                JacobianStore(dev, _store_budget(dev)), allocate,
+                rows,
+                cols,
+                spans,
+                kernel,
+                outputs,
+                ops,
+                kdtype,
+                JacobianStore(dev, _store_budget(dev, kernel_bytes, out_dev)),
+                allocate,
                 None if ckpt is None else ckpt.finish,
             )
         finally:
@@ -173,9 +207,21 @@ def ntk(
     ``progress``: a progress bar (None: only on a terminal).
     """
     return _kernels(
-        model, inputs, inputs2, output=output, params=params, kernel=kernel, outputs=outputs,
-        precision=precision, backend=backend, batch_size=batch_size, device=device,
-        out_device=out_device, progress=progress, checkpoint=checkpoint, groups=None,
+        model,
+        inputs,
+        inputs2,
+        output=output,
+        params=params,
+        kernel=kernel,
+        outputs=outputs,
+        precision=precision,
+        backend=backend,
+        batch_size=batch_size,
+        device=device,
+        out_device=out_device,
+        progress=progress,
+        checkpoint=checkpoint,
+        groups=None,
     )["all"]
 
 
@@ -193,8 +239,16 @@ def layer_ntks(
     block) or a callable ``name -> group``. ``K = sum_l K_l`` (Afzal et al. 2025).
     """
     defaults = dict(
-        output=None, params="trainable", kernel="sgd", outputs="full", precision="fp32",
-        backend="auto", batch_size=None, device=None, out_device=None, progress=None,
+        output=None,
+        params="trainable",
+        kernel="sgd",
+        outputs="full",
+        precision="fp32",
+        backend="auto",
+        batch_size=None,
+        device=None,
+        out_device=None,
+        progress=None,
         checkpoint=None,
     )
     unknown = set(ntk_kwargs) - set(defaults)

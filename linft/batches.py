@@ -23,7 +23,8 @@ def batch_size(batch: Batch, where: str = "inputs") -> int:
 
 def slice_batch(batch: Batch, start: int, stop: int) -> dict[str, object]:
     return {
-        k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()
+        k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        for k, v in batch.items()
     }
 
 

@@ -118,7 +118,7 @@ class JacobianEngine:
         for a in range(C):
             got = torch.autograd.grad(
                 f[:, a].sum(),
-                [y for y, need in zip(ys, needs) if need],
+                [y for y, need in zip(ys, needs, strict=True) if need],
                 retain_graph=a < C - 1,
                 allow_unused=True,
             )
@@ -159,7 +159,7 @@ class JacobianEngine:
                 if not f[a].requires_grad:
                     continue
                 got = torch.autograd.grad(f[a], leaves, retain_graph=a < C - 1, allow_unused=True)
-                for (_, col, numel), g in zip(self.plan.generic, got):
+                for (_, col, numel), g in zip(self.plan.generic, got, strict=True):
                     if g is not None:
                         J[i, a, col : col + numel] = g.reshape(-1)
 
@@ -176,7 +176,9 @@ def _plan(blocks: list[tuple[int, Mapping]], finished: dict[int, int]) -> list[t
             steps.append(("load", s, finished[s]))
             pos = s + finished[s]
         if pos < start + n:
-            steps.append(("compute", pos, slice_batch(batch, pos - start, n) if pos > start else batch))
+            steps.append(
+                ("compute", pos, slice_batch(batch, pos - start, n) if pos > start else batch)
+            )
     return steps
 
 
@@ -205,7 +207,9 @@ def iterate_blocks(
                 raise
             torch.cuda.empty_cache()
             half = n // 2
-            warnings.warn(f"out of GPU memory on a block of {n} samples; retrying with {half}", stacklevel=2)
+            warnings.warn(
+                f"out of GPU memory on a block of {n} samples; retrying with {half}", stacklevel=2
+            )
             pending.append(("compute", start + half, slice_batch(item, half, n)))
             pending.append(("compute", start, slice_batch(item, 0, half)))
             continue

@@ -104,7 +104,9 @@ def _is_plain_lora_linear(layer: nn.Module, adapter: str) -> bool:
     )
 
 
-def build_plan(model: nn.Module, selected: list[tuple[str, nn.Parameter]], offsets: dict[str, int]) -> Plan:
+def build_plan(
+    model: nn.Module, selected: list[tuple[str, nn.Parameter]], offsets: dict[str, int]
+) -> Plan:
     owners = _owners(model)
     conv1d = _conv1d_class()
     lora_units: dict[str, LoraUnit] = {}
@@ -130,7 +132,9 @@ def build_plan(model: nn.Module, selected: list[tuple[str, nn.Parameter]], offse
         is_linear = type(module) is nn.Linear
         is_conv1d = conv1d is not None and type(module) is conv1d
         if (is_linear or is_conv1d) and attr in ("weight", "bias"):
-            unit = linear_units.setdefault(mod_name, LinearUnit(mod_name, module, transposed=is_conv1d))
+            unit = linear_units.setdefault(
+                mod_name, LinearUnit(mod_name, module, transposed=is_conv1d)
+            )
             setattr(unit, "col_W" if attr == "weight" else "col_b", col)
             continue
         generic.append((name, col, p.numel()))
@@ -227,7 +231,7 @@ def unit_tensors(
     calls, which is the sum over the concatenated tokens.
     """
     xs, gs, masks = [], [], []
-    for call, g_call in zip(calls, grads):
+    for call, g_call in zip(calls, grads, strict=True):
         x = _tokens(call.x, n, where)
         g = torch.stack(
             [torch.zeros_like(call.y) if g is None else g for g in g_call], dim=1
@@ -245,8 +249,10 @@ def unit_tensors(
         mask = None
     else:
         mask = torch.cat(
-            [torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device) if m is None else m
-             for m, x in zip(masks, xs)],
+            [
+                torch.ones(n, x.shape[1], dtype=torch.bool, device=x.device) if m is None else m
+                for m, x in zip(masks, xs, strict=True)
+            ],
             dim=1,
         )
         if bool(mask.all()):
@@ -258,7 +264,7 @@ def unit_tensors(
 
 def warn_unused(plan: Plan, capture: Capture) -> None:
     unused = []
-    for unit, calls in zip(plan.units, capture.calls):
+    for unit, calls in zip(plan.units, capture.calls, strict=True):
         if isinstance(unit, LoraUnit):
             seen = {a for call in calls for a in call.adapters}
             unused += [f"{unit.name} (adapter {a!r})" for a in unit.cols if a not in seen]

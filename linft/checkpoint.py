@@ -59,7 +59,10 @@ class Checkpoint:
         safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
         path = self.dir / f"K_{safe}.bin"
         size = rows * cols
-        if not path.exists() or path.stat().st_size != size * torch.empty((), dtype=dtype).element_size():
+        if (
+            not path.exists()
+            or path.stat().st_size != size * torch.empty((), dtype=dtype).element_size()
+        ):
             with open(path, "wb") as fh:
                 fh.truncate(size * torch.empty((), dtype=dtype).element_size())
         return torch.from_file(str(path), shared=True, size=size, dtype=dtype).view(rows, cols)
@@ -73,7 +76,10 @@ class Checkpoint:
         if keep:
             from safetensors.torch import save_file
 
-            save_file({"J": J.detach().cpu().contiguous()}, str(self.dir / f"J_{side}_{start}.safetensors"))
+            save_file(
+                {"J": J.detach().cpu().contiguous()},
+                str(self.dir / f"J_{side}_{start}.safetensors"),
+            )
         self.meta["done"][side][str(start)] = int(J.shape[0])
         self._save_meta()
 

@@ -20,8 +20,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model, batch, _ = demo_task(seed=args.seed)
     n = batch["input_ids"].shape[0]
     print(
-        f"linft demo: {n} sentences, 2 labels; RoBERTa-shaped classifier (4 layers, random weights), "
-        "LoRA r=4 on query/value; kernel over the LoRA weights"
+        f"linft demo: {n} sentences, 2 labels; RoBERTa-shaped classifier (4 layers, random "
+        "weights), LoRA r=4 on query/value; kernel over the LoRA weights"
     )
     report, K = analyze(model, batch, ridge=args.ridge, top=args.top, params="lora", progress=False)
     print(format_report(report))
@@ -36,7 +36,11 @@ def _read_rows(path: Path, text_field: str, label_field: str | None) -> tuple[li
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix in (".csv", ".tsv"):
-        records = list(csv.DictReader(path.read_text().splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","))
+        records = list(
+            csv.DictReader(
+                path.read_text().splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","
+            )
+        )
     else:
         raise SystemExit(f"linft analyze: {path} is not .jsonl, .csv or .tsv")
     if not records or text_field not in records[0]:
@@ -82,7 +86,9 @@ def _load_model(args):
         from peft import LoraConfig, get_peft_model
 
         targets = args.target_modules.split(",") if args.target_modules else None
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets))
+        model = get_peft_model(
+            model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+        )
     return model.to(args.device), tokenizer
 
 
@@ -95,11 +101,22 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     texts = texts[: args.max_samples] if args.max_samples else texts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = dict(tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
+    batch = dict(
+        tokenizer(
+            texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
+        )
+    )
     params = args.params if args.params in ("trainable", "lora") else args.params.split(",")
     report, K = analyze(
-        model, batch, ridge=args.ridge, top=args.top, output=_output_helper(args, tokenizer),
-        params=params, precision=args.precision, batch_size=args.batch_size, progress=None,
+        model,
+        batch,
+        ridge=args.ridge,
+        top=args.top,
+        output=_output_helper(args, tokenizer),
+        params=params,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        progress=None,
     )
     report["model"], report["data"], report["samples"] = args.model, args.data, len(texts)
     print(format_report(report))
@@ -109,18 +126,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="linft", description="Empirical NTKs of LoRA fine-tuned language models.")
+    parser = argparse.ArgumentParser(
+        prog="linft", description="Empirical NTKs of LoRA fine-tuned language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="kernel, spectrum and layer ranking of a small built-in model and task (offline)")
+    demo = sub.add_parser(
+        "demo",
+        help="kernel, spectrum and layer ranking of a small built-in model and task (offline)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--ridge", type=float, default=0.0)
     demo.add_argument("--top", type=int, default=8, help="how many top eigenvalues to print")
     demo.add_argument("--out", help="also write report.json, kernel.safetensors, spectrum.png here")
     demo.set_defaults(func=_cmd_demo)
 
-    an = sub.add_parser("analyze", help="kernel, spectrum and layer ranking of a model on a data file")
-    an.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
+    an = sub.add_parser(
+        "analyze", help="kernel, spectrum and layer ranking of a model on a data file"
+    )
+    an.add_argument(
+        "--model", required=True, help="local Hugging Face model directory (with its tokenizer)"
+    )
     an.add_argument("--data", required=True, help=".jsonl, .csv or .tsv file with a text field")
     an.add_argument("--out", required=True, help="report directory")
     an.add_argument("--text-field", default="text")
@@ -129,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--adapter", help="peft adapter directory to load")
     an.add_argument("--lora-r", type=int, default=0, help="add a fresh LoRA adapter of this rank")
     an.add_argument("--target-modules", help="comma-separated module names for --lora-r")
-    an.add_argument("--params", default="trainable", help='"trainable", "lora" or comma-separated globs')
+    an.add_argument(
+        "--params", default="trainable", help='"trainable", "lora" or comma-separated globs'
+    )
     an.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     an.add_argument("--batch-size", type=int)
     an.add_argument("--max-length", type=int, default=128)

@@ -50,8 +50,14 @@ def demo_task(seed: int = 0):
     # A wider init than RoBERTa's 0.02 keeps random token representations distinguishable,
     # as a pretrained model's are; at 0.02 the kernel of this model is numerically rank 32.
     config = RobertaConfig(
-        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, num_labels=2, pad_token_id=1,
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=1,
         initializer_range=0.2,
     )
     model = RobertaForSequenceClassification(config)

@@ -158,7 +158,9 @@ def assemble(
 
     def tiles(si, Ji, sj, Jj, mirror) -> None:
         for name, spans in groups.items():
-            put(name, si, sj, kernel_tile(ops, Ji, Jj, spans, kernel, outputs, False, dtype), mirror)
+            put(
+                name, si, sj, kernel_tile(ops, Ji, Jj, spans, kernel, outputs, False, dtype), mirror
+            )
 
     def ensure(J: torch.Tensor) -> None:
         nonlocal per
@@ -196,7 +198,13 @@ def assemble(
                 if not symmetric_kernel:
                     tiles(sj, Jj, si, Ji, False)
             for name, spans in groups.items():
-                put(name, sj, sj, kernel_tile(ops, Jj, Jj, spans, kernel, outputs, True, dtype), False)
+                put(
+                    name,
+                    sj,
+                    sj,
+                    kernel_tile(ops, Jj, Jj, spans, kernel, outputs, True, dtype),
+                    False,
+                )
             finish("rows", sj, Jj, True)
         store.add(sj, Jj)
     return K, store.num_outputs

@@ -14,7 +14,9 @@ ParamSpec = str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 _LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 # peft wrapper segments dropped from group names: "<container>.<adapter>" pairs,
 # and the base layer a LoRA module wraps.
-_WRAPPER_PAIR = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|modules_to_save)\.[^.]+")
+_WRAPPER_PAIR = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|modules_to_save)\.[^.]+"
+)
 _BLOCK = re.compile(r"^(.*?\.(?:layers?|h|blocks?)\.\d+)(?:\.|$)")
 
 
@@ -46,7 +48,9 @@ def active_lora_names(model: nn.Module) -> set[str]:
                 if isinstance(entry, nn.Parameter):
                     names.add(f"{prefix}{container}.{adapter}")
                 else:
-                    names.update(f"{prefix}{container}.{adapter}.{n}" for n, _ in entry.named_parameters())
+                    names.update(
+                        f"{prefix}{container}.{adapter}.{n}" for n, _ in entry.named_parameters()
+                    )
     return names
 
 
@@ -98,7 +102,8 @@ def _matches(name: str, pattern: str) -> bool:
 def module_group(name: str) -> str:
     """The adapted module a parameter belongs to, peft wrapper segments removed.
 
-    ``...layer.3.attention.self.query.lora_A.default.weight`` -> ``...layer.3.attention.self.query``.
+    ``...layer.3.attention.self.query.lora_A.default.weight`` -> ``...layer.3.attention.self.query``
+    (``classifier.modules_to_save.default.dense`` -> ``classifier.dense``).
     """
     owner = name.rsplit(".", 1)[0] if "." in name else name
     owner = _WRAPPER_PAIR.sub("", owner)
@@ -106,7 +111,7 @@ def module_group(name: str) -> str:
 
 
 def layer_group(name: str) -> str:
-    """The transformer block (``...layer.3``, ``...h.3``, ``...layers.3``) or, outside blocks, the module."""
+    """The transformer block (``...layer.3``, ``...h.3``, ``...layers.3``), else the module."""
     owner = module_group(name)
     match = _BLOCK.match(owner)
     return match.group(1) if match else owner
@@ -124,7 +129,9 @@ def group_columns(
     elif callable(groups):
         key = groups
     else:
-        raise ValueError(f'groups must be "module", "layer" or a callable name -> group, got {groups!r}')
+        raise ValueError(
+            f'groups must be "module", "layer" or a callable name -> group, got {groups!r}'
+        )
     out: dict[str, list[slice]] = {}
     col = 0
     for name, p in selected:

@@ -38,7 +38,9 @@ def spectrum_summary(K: torch.Tensor, ridge: float, top: int, all_values: bool =
     return summary
 
 
-def analyze(model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs) -> tuple[dict, torch.Tensor]:
+def analyze(
+    model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs
+) -> tuple[dict, torch.Tensor]:
     """The report dict and the kernel. Per-module kernels come from the same
     pass as the full one (``K = sum_l K_l``); modules are ranked by the
     condition number of ``K_l + ridge I`` (smallest first)."""
@@ -60,24 +62,29 @@ def analyze(model, inputs, *, ridge: float = 0.0, top: int = 10, **ntk_kwargs) -
     return report, K
 
 
+def _num(x: float | str, spec: str = ".4g") -> str:
+    return x if isinstance(x, str) else format(x, spec)
+
+
 def format_report(report: dict) -> str:
     s = report["spectrum"]
     lines = [
         f"kernel {' x '.join(map(str, report['kernel_shape']))}",
-        "top eigenvalues: " + ", ".join(f"{v:.4g}" for v in s["top_eigenvalues"]),
-        f"condition number: {s['condition_number'] if isinstance(s['condition_number'], str) else format(s['condition_number'], '.4g')}"
-        f"  (lambda_max {s['lambda_max']:.4g}, lambda_min {s['lambda_min']:.4g}, rank {s['rank']}/{s['size']})",
-        f"effective rank {s['effective_rank']:.4g}, stable rank {s['stable_rank']:.4g}, "
-        f"decay exponent {s['decay_exponent'] if isinstance(s['decay_exponent'], str) else format(s['decay_exponent'], '.3g')}",
+        "top eigenvalues: " + ", ".join(_num(v) for v in s["top_eigenvalues"]),
+        f"condition number: {_num(s['condition_number'])}  (lambda_max {_num(s['lambda_max'])}, "
+        f"lambda_min {_num(s['lambda_min'])}, rank {s['rank']}/{s['size']})",
+        f"effective rank {_num(s['effective_rank'])}, stable rank {_num(s['stable_rank'])}, "
+        f"decay exponent {_num(s['decay_exponent'], '.3g')}",
         "modules by condition number of their own kernel (best first):",
     ]
     for name in report["layer_ranking"]:
-        c = report["layers"][name]["condition_number"]
-        lines.append(f"  {c if isinstance(c, str) else format(c, '.4g'):>12}  {name}")
+        lines.append(f"  {_num(report['layers'][name]['condition_number']):>12}  {name}")
     return "\n".join(lines)
 
 
-def write_report(report: dict, K: torch.Tensor, out_dir: str | Path, plot: bool = True) -> list[Path]:
+def write_report(
+    report: dict, K: torch.Tensor, out_dir: str | Path, plot: bool = True
+) -> list[Path]:
     """report.json, kernel.safetensors and (with matplotlib) spectrum.png in ``out_dir``."""
     from safetensors.torch import save_file
 

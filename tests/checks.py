@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+def assert_rel_close(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = ""
+) -> None:
     """Frobenius relative error at most ``rel``; on failure name the worst element."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a, e = actual.double(), expected.double()
-    assert torch.isfinite(a).all(), f"{what}: NaN/inf in result at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
+    assert torch.isfinite(a).all(), (
+        f"{what}: NaN/inf in result at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
+    )
     err = float((a - e).norm() / e.norm().clamp_min(1e-300))
     if not err <= rel:
         diff = (a - e).abs()

@@ -23,8 +23,14 @@ LABEL_WORDS = [11, 23, 42]
 
 def _roberta_config(**kw) -> RobertaConfig:
     return RobertaConfig(
-        vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=29, max_position_embeddings=40, pad_token_id=1, **kw,
+        vocab_size=VOCAB,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=29,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        **kw,
     )
 
 
@@ -35,8 +41,12 @@ def roberta_base_classifier(num_labels: int = 3):
 def roberta_classifier(num_labels: int = 3, base=None, **lora):
     model = roberta_base_classifier(num_labels) if base is None else base
     cfg = LoraConfig(
-        r=3, lora_alpha=6, target_modules=["query", "value"], init_lora_weights=False,
-        modules_to_save=["classifier"], **lora,
+        r=3,
+        lora_alpha=6,
+        target_modules=["query", "value"],
+        init_lora_weights=False,
+        modules_to_save=["classifier"],
+        **lora,
     )
     return get_peft_model(model, cfg)
 
@@ -50,16 +60,25 @@ def roberta_mlm():
 def gpt2(**lora):
     config = GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
     cfg = LoraConfig(
-        r=3, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
-        init_lora_weights=False, **lora,
+        r=3,
+        lora_alpha=4,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        **lora,
     )
     return get_peft_model(GPT2LMHeadModel(config), cfg), linft.outputs.last_token(LABEL_WORDS)
 
 
 def llama():
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=45,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         pad_token_id=0,
     )
     cfg = LoraConfig(
@@ -68,7 +87,9 @@ def llama():
     return get_peft_model(LlamaForCausalLM(config), cfg), linft.outputs.last_token(LABEL_WORDS)
 
 
-def token_batch(lengths: list[int], *, pad_id: int = 1, left: bool = False, mask_token: bool = False):
+def token_batch(
+    lengths: list[int], *, pad_id: int = 1, left: bool = False, mask_token: bool = False
+):
     """Random token ids padded to the longest length, with the attention mask."""
     n, t = len(lengths), max(lengths)
     ids = torch.full((n, t), pad_id, dtype=torch.long)

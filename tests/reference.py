@@ -30,7 +30,7 @@ def reference_jacobian(model, batch: dict, output, names: list[str]) -> torch.Te
     for i in range(n_samples):
         sample = unpadded(batch, i)
 
-        def f(theta):
+        def f(theta, sample=sample):
             out = functional_call(m64, {**rest, **theta}, args=(), kwargs=sample)
             y = output(out, sample)
             return y.reshape(-1)

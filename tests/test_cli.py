@@ -54,7 +54,11 @@ def _save_tokenizer(path, vocab_size):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     fast.save_pretrained(path)
     return fast
@@ -67,14 +71,31 @@ def test_analyze_a_local_model_with_an_adapter(tmp_path):
     peft_model = roberta_classifier(base=base)
     peft_model.save_pretrained(adapter_dir)
     tokenizer = _save_tokenizer(base_dir, peft_model.config.vocab_size)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 90, (int(n),))) for n in torch.randint(2, 9, (6,))]
+    texts = [
+        " ".join(f"w{int(i)}" for i in torch.randint(4, 90, (int(n),)))
+        for n in torch.randint(2, 9, (6,))
+    ]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
 
-    code = main([
-        "analyze", "--model", str(base_dir), "--adapter", str(adapter_dir), "--data", str(data),
-        "--out", str(out), "--no-plot", "--batch-size", "4", "--device", "cpu",
-    ])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(base_dir),
+            "--adapter",
+            str(adapter_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-plot",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     _check_report(out)
     # the same kernel computed directly on the in-memory model

@@ -43,7 +43,9 @@ def test_gpt2_conv1d_with_rslora_and_lora_params():
 
 def _two_adapters():
     model = roberta_classifier()
-    model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, target_modules=["query"], init_lora_weights=False))
+    model.add_adapter(
+        "other", LoraConfig(r=2, lora_alpha=3, target_modules=["query"], init_lora_weights=False)
+    )
     return model
 
 
@@ -90,7 +92,11 @@ def test_generic_parameters_are_exact_and_named_in_a_warning():
 
 def test_plain_linear_weights_and_biases_of_full_layers():
     model = roberta_classifier()
-    patterns = ["*layer.0.attention.self.key.weight", "*layer.0.attention.self.key.bias", "*intermediate.dense.*"]
+    patterns = [
+        "*layer.0.attention.self.key.weight",
+        "*layer.0.attention.self.key.bias",
+        "*intermediate.dense.*",
+    ]
     names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
     _check(model, _batch(4), names=names, params=patterns)
 

@@ -120,7 +120,12 @@ def test_cross_trace_with_asymmetric_kernel():
     names = trainable_names(model)
     out = linft.outputs.logits()
     expected = torch.einsum(
-        "icjc->ij", gram(reference_jacobian(model, a, out, names), reference_jacobian(model, b, out, names), "asym_signgd")
+        "icjc->ij",
+        gram(
+            reference_jacobian(model, a, out, names),
+            reference_jacobian(model, b, out, names),
+            "asym_signgd",
+        ),
     )
     assert_rel_close(K, expected, 1e-10, "cross asym trace")
 
@@ -146,7 +151,12 @@ def test_layer_ntks_sum_to_ntk_and_match_column_blocks(groups):
     sizes = [p.numel() for n, p in model.named_parameters() if p.requires_grad]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     expected_groups = {
-        "module": {"encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.value", "classifier.dense", "classifier.out_proj"},
+        "module": {
+            "encoder.layer.0.attention.self.query",
+            "encoder.layer.1.attention.self.value",
+            "classifier.dense",
+            "classifier.out_proj",
+        },
         "layer": {"encoder.layer.0", "encoder.layer.1", "classifier.dense"},
     }[groups]
     for suffix in expected_groups:
@@ -154,7 +164,7 @@ def test_layer_ntks_sum_to_ntk_and_match_column_blocks(groups):
     for group, K in parts.items():
         cols = [
             torch.arange(s, s + size)
-            for n, s, size in zip(names, starts, sizes)
+            for n, s, size in zip(names, starts, sizes, strict=True)
             if linft.params.module_group(n) == group
             or (groups == "layer" and linft.params.layer_group(n) == group)
         ]
@@ -178,7 +188,10 @@ def test_iterable_of_batches_equals_one_mapping():
 
     def pad(batch):
         extra = width - batch["input_ids"].shape[1]
-        return {k: torch.nn.functional.pad(v, (0, extra), value=1 if k == "input_ids" else 0) for k, v in batch.items()}
+        return {
+            k: torch.nn.functional.pad(v, (0, extra), value=1 if k == "input_ids" else 0)
+            for k, v in batch.items()
+        }
 
     joined = {k: torch.cat([pad(a)[k], pad(b)[k]]) for k in a}
     assert_rel_close(linft.ntk(model, [a, b]), linft.ntk(model, joined), FP32_REL, "iterable")

@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import assert_rel_close, gram
-from models import gpt2, llama, random_lengths, roberta_classifier, roberta_mlm, token_batch, trainable_names
+from models import (
+    gpt2,
+    llama,
+    random_lengths,
+    roberta_classifier,
+    roberta_mlm,
+    token_batch,
+    trainable_names,
+)
 from reference import reference_jacobian
 
 import linft
@@ -22,7 +30,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _case(arch):
     if arch == "roberta_cls":
-        return roberta_classifier(), linft.outputs.logits(), token_batch(random_lengths(3), pad_id=1)
+        return (
+            roberta_classifier(),
+            linft.outputs.logits(),
+            token_batch(random_lengths(3), pad_id=1),
+        )
     if arch == "roberta_mlm":
         model, out = roberta_mlm()
         return model, out, token_batch(random_lengths(3), pad_id=1, mask_token=True)
@@ -52,8 +64,12 @@ def test_triton_sign_kernels_cross_and_trace_match_torch_backend(kernel):
     model.to(DEVICE)
     a, b = ({k: v.to(DEVICE) for k, v in x.items()} for x in (a, b))
     for outputs in ("full", "trace"):
-        got = linft.ntk(model, a, b, output=output, kernel=kernel, outputs=outputs, backend="triton")
-        want = linft.ntk(model, a, b, output=output, kernel=kernel, outputs=outputs, backend="torch")
+        got = linft.ntk(
+            model, a, b, output=output, kernel=kernel, outputs=outputs, backend="triton"
+        )
+        want = linft.ntk(
+            model, a, b, output=output, kernel=kernel, outputs=outputs, backend="torch"
+        )
         assert_rel_close(got, want, 1e-5, f"{kernel}/{outputs}")
 
 

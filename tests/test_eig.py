@@ -1,0 +1,259 @@
+"""linft.topk_eigh against float64 torch.linalg.eigh on matrices with known spectra."""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import linft
+from linft import _ext
+from linft.eig import ConvergenceWarning, topk_eigh
+
+BACKENDS = ["extension", "torch"]
+# (dtype, tol): the tolerance asked of the solver, also the bound checked on the results.
+DTYPE_TOL = [(torch.float32, 1e-4), (torch.float64, 1e-8)]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # Small matrices: one thread avoids oversubscribing shared CI cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    # CI builds the C++ part: build it here (JIT) when no prebuilt linft._C is installed.
+    assert _ext.load(jit=True) in ("prebuilt", "jit")
+
+
+def with_spectrum(lam: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Q diag(lam) Q^T with Q Haar-random orthogonal, exactly symmetric."""
+    n = lam.numel()
+    Q, R = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    Q = Q * R.diagonal().sign()
+    A = (Q * lam.double()) @ Q.T
+    return ((A + A.T) / 2).to(dtype)
+
+
+def spectra(kind: str, n: int) -> torch.Tensor:
+    j = torch.arange(1, n + 1, dtype=torch.float64)
+    if kind.startswith("power"):
+        return j ** -float(kind[5:])
+    if kind == "exp":
+        return torch.exp(-0.05 * (j - 1))
+    raise ValueError(kind)
+
+
+def assert_small(x: torch.Tensor, bound: float, what: str) -> None:
+    """All |x| <= bound; on failure name the worst element and any NaN."""
+    x = x.detach().double().abs().cpu()
+    assert not torch.isnan(x).any(), f"{what}: NaN at {torch.isnan(x).nonzero().tolist()[:5]}"
+    worst = int(x.argmax())
+    assert float(x.max()) <= bound, f"{what}: worst {float(x.max()):.3g} at {worst} > {bound:.3g}"
+
+
+def check_eig(A: torch.Tensor, e, lam_true: torch.Tensor, tol: float, k: int) -> None:
+    """Values vs the known spectrum, residuals, orthonormality, honest reported residuals."""
+    Ad = A.double()
+    lam_max = float(lam_true.abs().max())
+    assert e.values.shape == (k,) and e.vectors.shape == (A.shape[0], k)
+    assert_small(e.values.double() - lam_true[:k], tol * lam_max, "eigenvalue error")
+    V = e.vectors.double()
+    eps = torch.finfo(e.vectors.dtype).eps
+    assert_small(
+        V.T @ V - torch.eye(k, dtype=torch.float64), 50 * eps * math.sqrt(A.shape[0]), "VtV - I"
+    )
+    res = torch.linalg.vector_norm(Ad @ V - V * e.values.double(), dim=0) / max(lam_max, 1e-300)
+    assert_small(res, tol, "recomputed residual")
+    assert_small(
+        e.residuals.double() - res,
+        20 * eps * math.sqrt(A.shape[0]) + 1e-3 * tol,
+        "reported vs recomputed residual",
+    )
+    assert e.converged
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+@pytest.mark.parametrize("kind", ["power0.3", "power1", "power2", "exp"])
+@pytest.mark.parametrize("n, k", [(301, 7), (512, 16)])
+def test_known_spectrum(n, k, kind, dtype, tol, backend):
+    lam = spectra(kind, n)
+    A = with_spectrum(lam, dtype)
+    e = topk_eigh(A, k, tol=tol, method="krylov", backend=backend)
+    check_eig(A, e, lam, tol, k)
+    assert e.backend == backend and e.method == "krylov" and e.values.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+def test_repeated_top_eigenvalue(dtype, tol, backend):
+    n, k = 400, 12
+    lam = torch.cat([torch.ones(10), 0.5 * torch.arange(1, n - 9) ** -1.0]).double()
+    A = with_spectrum(lam, dtype)
+    e = topk_eigh(A, k, tol=tol, method="krylov", backend=backend)
+    check_eig(A, e, lam, tol, k)
+    # The ten vectors span the eigenspace of 1: ||(I - P) V_10|| small.
+    V = e.vectors[:, :10].double()
+    AV = A.double() @ V
+    assert_small(AV - V, 10 * tol, "A V - V on the repeated eigenspace")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clustered_top_eigenvalues(backend):
+    n, k = 350, 6
+    lam = torch.cat([1 - 1e-6 * torch.arange(8.0), 0.3 * torch.rand(n - 8)]).double()
+    lam = lam.sort(descending=True).values
+    A = with_spectrum(lam)
+    e = topk_eigh(A, k, tol=1e-8, method="krylov", backend=backend)
+    check_eig(A, e, lam, 1e-8, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+def test_rank_below_k(dtype, tol, backend):
+    n, r, k = 333, 5, 12
+    lam = torch.cat([torch.arange(r, 0, -1).double(), torch.zeros(n - r, dtype=torch.float64)])
+    A = with_spectrum(lam, dtype)
+    e = topk_eigh(A, k, tol=tol, method="krylov", backend=backend)
+    check_eig(A, e, lam, tol, k)
+
+
+@pytest.mark.parametrize("method", ["auto", "krylov", "dense"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_equals_n(method, backend):
+    n = 37
+    lam = spectra("power1", n)
+    A = with_spectrum(lam)
+    e = topk_eigh(A, n, tol=1e-10, method=method, backend=backend)
+    check_eig(A, e, lam, 1e-10, n)
+
+
+class GramOperator:
+    """K = J J^T applied as J (J^T X), never formed."""
+
+    def __init__(self, J):
+        self.J, self.shape, self.dtype, self.device = J, (J.shape[0], J.shape[0]), J.dtype, J.device
+        self.calls = 0
+
+    def matmul(self, X):
+        self.calls += 1
+        return self.J @ (self.J.T @ X)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+@pytest.mark.parametrize("n, p", [(513, 200), (300, 700)])
+def test_operator_gram(n, p, dtype, tol, backend):
+    # Decaying column scales so the top of the spectrum is separated.
+    J = (torch.randn(n, p, dtype=torch.float64) * torch.arange(1, p + 1) ** -0.75).to(dtype)
+    K = J.double() @ J.double().T
+    lam = torch.linalg.eigvalsh(K).flip(0)
+    op = GramOperator(J)
+    e = topk_eigh(op, 10, tol=tol, method="krylov", backend=backend)
+    check_eig(K, e, lam, tol, 10)
+    assert op.calls == e.matmuls > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_extreme_scales(scale, dtype, tol, backend):
+    lam = scale * spectra("power1", 300)
+    A = with_spectrum(lam, dtype)
+    e = topk_eigh(A, 8, tol=tol, method="krylov", backend=backend)
+    check_eig(A, e, lam, tol, 8)
+
+
+@pytest.mark.parametrize("method", ["krylov", "nystrom", "dense"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_and_identity(dtype, backend, method):
+    n, k = 300, 9
+    Z = torch.zeros(n, n, dtype=dtype)
+    e = topk_eigh(Z, k, method=method, backend=backend)
+    assert e.converged and float(e.values.abs().max()) == 0.0 and float(e.residuals.max()) == 0.0
+    eye = torch.eye(n, dtype=dtype)
+    e = topk_eigh(eye, k, method=method, backend=backend)
+    check_eig(eye, e, torch.ones(n, dtype=torch.float64), 1e-4, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smallest(backend):
+    n, k = 300, 5
+    lam = torch.linspace(1.0, 10.0, n, dtype=torch.float64).flip(0)
+    A = with_spectrum(lam)
+    e = topk_eigh(A, k, largest=False, tol=1e-6, method="krylov", backend=backend, max_iters=200)
+    assert torch.all(e.values[1:] >= e.values[:-1])  # ascending
+    check_eig(A, e, lam.flip(0), 1e-6, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPE_TOL)
+def test_nystrom(dtype, tol, backend):
+    lam = spectra("power2", 400)
+    A = with_spectrum(lam, dtype)
+    e = topk_eigh(A, 6, tol=tol, method="nystrom", backend=backend)
+    check_eig(A, e, lam, tol, 6)
+    assert e.method == "nystrom"
+
+
+def test_nystrom_rejects_indefinite():
+    lam = torch.linspace(-1.0, 1.0, 300, dtype=torch.float64)
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        topk_eigh(with_spectrum(lam), 4, method="nystrom")
+
+
+def test_not_converged_warns():
+    A = with_spectrum(spectra("power0.3", 400), torch.float32)
+    with pytest.warns(ConvergenceWarning, match="not converged"):
+        e = topk_eigh(A, 10, tol=1e-12, method="krylov", max_iters=2)
+    assert not e.converged and e.iterations == 2
+
+
+def test_backends_agree_and_seed_reproducible():
+    lam = spectra("power1", 400)
+    A = with_spectrum(lam, torch.float32)
+    a = topk_eigh(A, 10, seed=3, method="krylov", backend="extension")
+    b = topk_eigh(A, 10, seed=3, method="krylov", backend="torch")
+    c = topk_eigh(A, 10, seed=3, method="krylov", backend="torch")
+    assert_small(a.values - b.values, 1e-4, "extension vs torch values")
+    assert torch.equal(b.values, c.values) and torch.equal(b.vectors, c.vectors)
+
+
+def test_public_names():
+    assert linft.topk_eigh is topk_eigh and linft.Eig is type(topk_eigh(torch.eye(3), 1))
+
+
+@pytest.mark.parametrize(
+    "A, k, kwargs, match",
+    [
+        (torch.ones(3, 4), 1, {}, r"square.*\[n, n\]"),
+        (torch.eye(5), 6, {}, r"k = 6 exceeds.*k <= 5"),
+        (torch.eye(5), 0, {}, "positive integer"),
+        (torch.eye(5), -2, {}, "positive integer"),
+        (torch.triu(torch.ones(5, 5)), 2, {}, r"not symmetric.*\(A \+ A.T\) / 2"),
+        (torch.eye(5), 2, {"method": "lanczos"}, "method must be one of"),
+        (torch.eye(5), 2, {"tol": 0.0}, "tol must be positive"),
+        (torch.eye(5), 2, {"method": "nystrom", "largest": False}, "largest eigenpairs only"),
+        (torch.full((4, 4), float("nan")), 2, {}, "NaN"),
+    ],
+)
+def test_bad_input(A, k, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        topk_eigh(A, k, **kwargs)
+
+
+def test_bad_operator():
+    class NoMatmul:
+        shape = (4, 4)
+
+    with pytest.raises(TypeError, match="matmul"):
+        topk_eigh(NoMatmul(), 2)
+    with pytest.raises(TypeError, match="floating-point"):
+        topk_eigh(torch.eye(4, dtype=torch.int64), 2)
