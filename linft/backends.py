@@ -83,7 +83,19 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
     elif reason is not None:
         raise RuntimeError(f'backend="triton" cannot run: {reason}; or pass backend="torch"')
     tk = triton_kernels()
-    return Ops("triton", tk.linear_jacobian, tk.lora_jacobian, tk.gram_tile, tk.gram_symmetric)
+
+    # NOTE: exact fp32 tiles go to cuBLAS SGEMM: Triton's IEEE fp32 dot has no tensor-core
+    # path, so it is not expected to beat cuBLAS there; bf16 and sign tiles (fp32 output
+    # without upcasting J, int8 SignGD) are Triton's. bench_kernels.py measures both.
+    def gram_tile_(a, b, out, sign_a=False, sign_b=False):
+        plain = a.dtype == b.dtype == torch.float32 and not (sign_a or sign_b)
+        (gram_tile if plain else tk.gram_tile)(a, b, out, sign_a, sign_b)
+
+    def gram_symmetric_(a, out, sign=False):
+        plain = a.dtype == torch.float32 and not sign
+        (gram_symmetric if plain else tk.gram_symmetric)(a, out, sign)
+
+    return Ops("triton", tk.linear_jacobian, tk.lora_jacobian, gram_tile_, gram_symmetric_)
 
 
 def compute_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype:

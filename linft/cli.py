@@ -107,9 +107,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         )
     )
     params = args.params if args.params in ("trainable", "lora") else args.params.split(",")
+    checkpoint = None if args.no_checkpoint else out / "checkpoint"
     report, K = analyze(
         model,
         batch,
+        checkpoint=checkpoint,
         ridge=args.ridge,
         top=args.top,
         output=_output_helper(args, tokenizer),
@@ -166,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--ridge", type=float, default=0.0)
     an.add_argument("--top", type=int, default=10)
     an.add_argument("--no-plot", action="store_true")
+    an.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not keep OUT/checkpoint (by default a stopped run resumes from it)",
+    )
     an.set_defaults(func=_cmd_analyze)
     return parser
 

@@ -75,7 +75,7 @@ def spectrum(
     fit_range: tuple[int, int] | None = None,
     dense_threshold: int = 8192,
 ) -> Spectrum:
-    """Spectrum summary of ``K`` ([n, n] or [N, C, N, C]); ``k`` limits ``eigenvalues`` to the top k.
+    """Spectrum summary of ``K`` ([n, n] or [N, C, N, C]); ``k`` keeps the top k ``eigenvalues``.
 
     ``ridge >= 0`` enters the condition number only. ``rtol`` sets the relative rank threshold
     (default ``n * eps``), ``fit_range`` the 1-based range of the decay fit, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import assert_rel_close
 from models import random_lengths, roberta_classifier, token_batch
 
 import linft
@@ -62,3 +63,39 @@ def test_checkpoint_of_another_computation_is_refused(tmp_path):
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
     with pytest.raises(ValueError, match="different computation"):
         linft.ntk(model, a, checkpoint=tmp_path)
+
+
+def test_out_of_memory_block_is_split_and_retried(monkeypatch):
+    """A block that runs out of GPU memory is halved until it fits; K is unchanged."""
+    from linft.blocks import JacobianEngine
+
+    model = roberta_classifier()
+    a = token_batch(random_lengths(7), pad_id=1)
+    expected = linft.ntk(model, a, batch_size=7)
+    real_block = JacobianEngine.block
+    sizes = []
+
+    def tight_memory(self, batch, start):
+        n = batch["input_ids"].shape[0]
+        sizes.append(n)
+        if n > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_block(self, batch, start)
+
+    monkeypatch.setattr(JacobianEngine, "block", tight_memory)
+    with pytest.warns(UserWarning, match="out of GPU memory on a block of 7"):
+        K = linft.ntk(model, a, batch_size=7)
+    assert sizes[:3] == [7, 3, 1]
+    assert_rel_close(K, expected, 1e-6, "after OOM retries")
+
+
+def test_automatic_block_size_follows_free_gpu_memory(monkeypatch):
+    from linft.api import _block_size
+
+    gib = 2**30
+    cuda = torch.device("cuda")
+    for free, expected in [(80 * gib, 512), (1 * gib, 1 * gib // 5 // (8 * 300_000 * 2))]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 141 * gib))
+        assert _block_size(None, cuda, 300_000, torch.bfloat16) == expected
+    assert _block_size(None, torch.device("cpu"), 300_000, torch.float32) == 32
+    assert _block_size(5, cuda, 300_000, torch.float32) == 5

@@ -104,3 +104,6 @@ def test_analyze_a_local_model_with_an_adapter(tmp_path):
     expected = linft.ntk(peft_model, batch)
     K = load_file(str(out / "kernel.safetensors"))["kernel"]
     assert_rel_close(K, expected, 1e-5, "analyze kernel")
+    # the run left a finished checkpoint: all 6 samples done in blocks of 4
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert meta["done"]["rows"] == {"0": 4, "4": 2}

@@ -138,7 +138,7 @@ def test_rayleigh_ritz(ops, largest, dtype, tol):
     theta = torch.linalg.eigvalsh((H + H.T) / 2)
     expect = theta.flip(0)[:k] if largest else theta[:k]
     assert got[0].dtype == torch.float64 and got[3].dtype == torch.float64
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         # Ritz vectors are defined up to sign: compare U S^T-invariant products instead.
         if g.dim() == 2:
             g, r = g * g[0].sign(), r * r[0].sign()

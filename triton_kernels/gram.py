@@ -244,7 +244,8 @@ def gram_tile(
     strided view (e.g. a tile of K). Accumulates in fp32 whatever the input dtype;
     float64 runs on the torch twin. ``int8``: SignGD (both signs) on int8 tensor cores
     (exact). A factor taken by its sign may be stored pre-signed as int8
-    (``torch.sign(J).to(torch.int8)``), which halves the bytes read against bf16. ``input_precision`` of fp32 products ("ieee" default, "tf32x3", "tf32").
+    (``torch.sign(J).to(torch.int8)``), which halves the bytes read against bf16.
+    ``input_precision``: of fp32 products ("ieee" default, "tf32x3", "tf32").
     """
     _check(a, b, out, sign_a, sign_b)
     if torch.float64 in (a.dtype, b.dtype, out.dtype):
