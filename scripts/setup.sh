@@ -18,6 +18,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
 VPY=.venv/bin/python
+# A new venv carries its own old setuptools, which shadows the system's and cannot
+# build an editable install on its own.
+"$VPY" -m pip install --quiet "setuptools>=70" wheel
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install --quiet "torch==2.13.0"
 fi
