@@ -83,9 +83,10 @@ def test_out_of_memory_block_is_split_and_retried(monkeypatch):
         return real_block(self, batch, start)
 
     monkeypatch.setattr(JacobianEngine, "block", tight_memory)
-    with pytest.warns(UserWarning, match="out of GPU memory on a block of 7"):
+    with pytest.warns(UserWarning, match="out of GPU memory on a block of") as caught:
         K = linft.ntk(model, a, batch_size=7)
     assert sizes[:3] == [7, 3, 1]
+    assert "block of 7 samples; retrying with 3" in str(caught[0].message)
     assert_rel_close(K, expected, 1e-6, "after OOM retries")
 
 
