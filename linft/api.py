@@ -66,6 +66,14 @@ def _store_budget(device: torch.device, kernel_bytes: int, kernel_device: torch.
     return max(0.0, 0.75 * free - on_device)
 
 
+def _as_signs(stream, kernel: str):
+    """SignGD reads only signs: keep J as int8 signs (4x less memory than fp32, exact, and
+    the int8 tensor-core path of the Triton Gram)."""
+    if kernel != "signgd":
+        return stream
+    return ((s, None if J is None else torch.sign(J).to(torch.int8), d) for s, J, d in stream)
+
+
 def _progress(progress, total: int):
     if progress is False:
         return None
@@ -154,8 +162,8 @@ def _kernels(
             load = (lambda s: ckpt.load(side, s)) if keep else None
             return iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
 
-        rows = stream("rows", batches, keep=inputs2 is None)
-        cols = None if batches2 is None else stream("cols", batches2, keep=True)
+        rows = _as_signs(stream("rows", batches, keep=inputs2 is None), kernel)
+        cols = None if batches2 is None else _as_signs(stream("cols", batches2, True), kernel)
         try:
             K, C = assemble(
                 rows,

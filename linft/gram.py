@@ -13,6 +13,8 @@ import torch
 
 
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.dtype == torch.int8:  # signs: sums of +-1 are exact in float32 below 2^24 terms
+        return torch.float32 if t.shape[-1] < 2**24 else torch.float64
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 

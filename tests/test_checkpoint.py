@@ -100,3 +100,15 @@ def test_automatic_block_size_follows_free_gpu_memory(monkeypatch):
         assert _block_size(None, cuda, 300_000, torch.bfloat16) == expected
     assert _block_size(None, torch.device("cpu"), 300_000, torch.float32) == 32
     assert _block_size(5, cuda, 300_000, torch.float32) == 5
+
+
+def test_signgd_keeps_int8_signs(tmp_path):
+    from safetensors.torch import load_file
+
+    model = roberta_classifier()
+    a = token_batch(random_lengths(4), pad_id=1)
+    K = linft.ntk(model, a, kernel="signgd", batch_size=2, checkpoint=tmp_path)
+    stored = load_file(str(tmp_path / "J_rows_0.safetensors"))["J"]
+    assert stored.dtype == torch.int8 and set(stored.unique().tolist()) <= {-1, 0, 1}
+    S = torch.sign(linft.jacobian(model, a).double())
+    assert torch.equal(K.double(), torch.einsum("icp,jdp->icjd", S, S))
