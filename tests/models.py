@@ -51,14 +51,15 @@ def roberta_classifier(num_labels: int = 3, base=None, **lora):
     return get_peft_model(model, cfg)
 
 
-def roberta_mlm():
-    model = RobertaForMaskedLM(_roberta_config())
+def roberta_mlm(base=None):
+    model = RobertaForMaskedLM(_roberta_config()) if base is None else base
     cfg = LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"], init_lora_weights=False)
     return get_peft_model(model, cfg), linft.outputs.mask_token(LABEL_WORDS, MASK_ID)
 
 
-def gpt2(**lora):
+def gpt2(base=None, **lora):
     config = GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config) if base is None else base
     cfg = LoraConfig(
         r=3,
         lora_alpha=4,
@@ -67,7 +68,7 @@ def gpt2(**lora):
         init_lora_weights=False,
         **lora,
     )
-    return get_peft_model(GPT2LMHeadModel(config), cfg), linft.outputs.last_token(LABEL_WORDS)
+    return get_peft_model(model, cfg), linft.outputs.last_token(LABEL_WORDS)
 
 
 def llama():
