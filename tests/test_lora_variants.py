@@ -121,3 +121,19 @@ def test_bf16_within_one_percent():
 def test_tf32_precision_runs_and_matches_on_cpu():
     model = roberta_classifier()
     _check(model, _batch(3), precision="tf32")
+
+
+def test_gpt2_conv1d_full_weights_and_biases():
+    """Full fine-tuning of chosen GPT-2 layers: Conv1D stores W as [d_in, d_out]."""
+    model, output = gpt2()
+    batch = token_batch(random_lengths(4), pad_id=0)
+    patterns = ["*h.0.mlp.c_fc.weight", "*h.0.mlp.c_fc.bias", "*h.1.attn.c_attn.base_layer.weight"]
+    names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    assert len(names) == 3
+    from linft.capture import LinearUnit, build_plan
+    from linft.params import column_offsets, select_params
+
+    selected = select_params(model, patterns)
+    plan = build_plan(model, selected, column_offsets(selected)[0])
+    assert not plan.generic and all(isinstance(u, LinearUnit) and u.transposed for u in plan.units)
+    _check(model, batch, output, names=names, params=patterns)
