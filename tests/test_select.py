@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from models import VOCAB
 
 import linft
 from linft.select import Selection, select_from_kernels
@@ -192,20 +193,9 @@ def test_select_layers_passes_arguments(monkeypatch):
 
 
 def tiny_lora_model():
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    model = transformers.RobertaForSequenceClassification(config)
-    lora = peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
-    return peft.get_peft_model(model, lora).double().eval()
+    from models import roberta_classifier
+
+    return roberta_classifier(num_labels=2).double().eval()
 
 
 def independent_group_kernels(model, batch):
@@ -227,7 +217,7 @@ def independent_group_kernels(model, batch):
 
 def test_select_layers_end_to_end_matches_brute_force():
     model = tiny_lora_model()
-    ids = torch.randint(3, 100, (6, 7))
+    ids = torch.randint(5, VOCAB, (6, 7))
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0  # padding
     mask[4, 5:] = 0
