@@ -21,3 +21,12 @@ def _seed(request):
     seed = int.from_bytes(digest[:4], "little") + int(os.environ.get("LINFT_TEST_SEED", "0"))
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: one thread each, rather than oversubscribing shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,11 +9,6 @@ import torch
 import linft
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def assert_close(actual, expected, *, rtol, atol=0.0, what=""):
     """allclose that names the worst element and any NaNs."""
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)

@@ -1,7 +1,6 @@
 """linft.topk_eigh against float64 torch.linalg.eigh on matrices with known spectra."""
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -15,14 +14,7 @@ BACKENDS = ["extension", "torch"]
 DTYPE_TOL = [(torch.float32, 1e-4), (torch.float64, 1e-8)]
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    # Small matrices: one thread avoids oversubscribing shared CI cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

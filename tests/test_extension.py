@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -15,13 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPE_TOL = [(torch.float32, 1e-5), (torch.float64, 1e-12)]
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: avoid oversubscribing shared CI cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,6 @@ import linft
 from linft.select import Selection, select_from_kernels
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def group_kernels(n, c, ranks, layout="matrix"):
     """Random PSD group kernels J_l J_l^T of the given ranks and varied scales."""
     out = {}

@@ -1,7 +1,6 @@
 """linft.spectrum against float64 eigh-derived values on kernels with known spectra."""
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -13,13 +12,7 @@ from linft.spectrum import Spectrum, spectrum
 PATHS = [8192, 64]
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: avoid oversubscribing shared CI cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_spectrum(lam: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
