@@ -3,6 +3,7 @@
 // Written against ATen only, so one composite implementation serves every device: the sizes
 // involved are [n, b] blocks and [b, b] projected matrices, whose cost is in BLAS/LAPACK calls;
 // doing the branching here saves the Python overhead between those calls.
+#include <algorithm>
 #include <torch/library.h>
 
 #include <limits>
@@ -41,13 +42,19 @@ at::Tensor cholesky_qr(const at::Tensor& W, double min_diag, double max_cond) {
 at::Tensor householder_drop(const at::Tensor& W, const at::Tensor& V, double min_diag) {
   auto [Q, R] = at::linalg_qr(W, "reduced");
   const at::Tensor keep = R.diagonal().abs().gt(min_diag).nonzero().view(-1);
-  at::Tensor q = project_out(Q.index_select(1, keep), V);
+  at::Tensor q = Q.index_select(1, keep);
   // Dividing by small R_ii amplifies what was left of span(V): keep the columns that are
-  // mostly new after projecting once more, and re-orthonormalize them.
-  const at::Tensor fresh = at::linalg_vector_norm(q, 2, {0}).gt(0.5).nonzero().view(-1);
-  q = q.index_select(1, fresh);
-  if (q.size(1) == 0) return q;
-  return std::get<0>(at::linalg_qr(q, "reduced"));
+  // mostly new after projecting once more, and re-orthonormalize them; twice, since the
+  // re-orthonormalization divides again.
+  for (int pass = 0; pass < 2; ++pass) {
+    q = project_out(q, V);
+    const at::Tensor fresh = at::linalg_vector_norm(q, 2, {0}).gt(0.5).nonzero().view(-1);
+    q = q.index_select(1, fresh);
+    if (q.size(1) == 0) return q;
+    q = std::get<0>(at::linalg_qr(q, "reduced"));
+  }
+  // The complement of span(V) holds no more than n - c directions.
+  return q.narrow(1, 0, std::min(q.size(1), W.size(0) - V.size(1)));
 }
 
 }  // namespace

@@ -9,6 +9,7 @@ rows from the captured activations and output gradients, Gram tiles by GEMM.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,6 +83,47 @@ def _progress(progress, total: int):
     )
 
 
+@dataclass
+class _Job:
+    """What every entry point needs: where and how to compute, which columns, block size."""
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    ops: object
+    selected: list
+    plan: object
+    block_size: int
+    precision: str
+    output: Callable
+
+    @classmethod
+    def create(cls, model, *, params, output, precision, backend, batch_size, device) -> _Job:
+        dev = _model_device(model, device)
+        dtype = compute_dtype(precision, parameter_dtype(model))
+        ops = resolve_ops(backend, dev)
+        selected = select_params(model, params)
+        offsets, num_columns = column_offsets(selected)
+        plan = build_plan(model, selected, offsets)
+        size = _block_size(batch_size, dev, num_columns, dtype)
+        return cls(
+            model, dev, dtype, ops, selected, plan, size, precision, output or default_output
+        )
+
+    def engine(self) -> JacobianEngine:
+        return JacobianEngine(
+            self.model, self.output, self.selected, self.plan, self.ops, self.dtype, self.device
+        )
+
+
+def _open_checkpoint(directory, job: _Job, settings: dict, batches: list) -> Checkpoint:
+    """The checkpoint of exactly this computation: settings, inputs and every parameter value."""
+    tensors = [t for b in batches for t in b.values() if isinstance(t, torch.Tensor)]
+    settings = {**settings, "params": [n for n, _ in job.selected]}
+    key = fingerprint(settings, tensors + list(job.model.parameters()))
+    return Checkpoint(directory, key, job.block_size)
+
+
 def _kernels(
     model: nn.Module,
     inputs: Inputs,
@@ -103,79 +145,54 @@ def _kernels(
     kernel_signs(kernel)  # validate before any work
     if outputs not in OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
-    dev = _model_device(model, device)
-    dtype = compute_dtype(precision, parameter_dtype(model))
+    job = _Job.create(
+        model, params=params, output=output, precision=precision, backend=backend,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
     kdtype = kernel_dtype(parameter_dtype(model))
-    ops = resolve_ops(backend, dev)
-    out_dev = dev if out_device is None else torch.device(out_device)
     batches, n_rows = split(inputs, "inputs")
     batches2, n_cols = (None, n_rows)
     if inputs2 is not None:
         batches2, n_cols = split(inputs2, "inputs2")
         check_same_keys(batches, batches2)
-    selected = select_params(model, params)
-    offsets, num_columns = column_offsets(selected)
-    spans = {"all": [slice(0, num_columns)]} if groups is None else group_columns(selected, groups)
-    plan = build_plan(model, selected, offsets)
-    size = _block_size(batch_size, dev, num_columns, dtype)
-    ckpt = None
+    num_columns = job.plan.num_columns
+    spans = (
+        {"all": [slice(0, num_columns)]} if groups is None else group_columns(job.selected, groups)
+    )
+    out_dev = job.device if out_device is None else torch.device(out_device)
+    ckpt, size = None, job.block_size
     if checkpoint is not None:
-        settings = dict(
-            kernel=kernel,
-            outputs=outputs,
-            precision=precision,
-            groups=spans,
-            params=[n for n, _ in selected],
-            rows=n_rows,
-            cols=n_cols,
-            cross=inputs2 is not None,
-        )
-        key = fingerprint(
-            settings,
-            [
-                t
-                for b in batches + (batches2 or [])
-                for t in b.values()
-                if isinstance(t, torch.Tensor)
-            ]
-            + [p for p in model.parameters()],
-        )
-        ckpt = Checkpoint(checkpoint, key, size)
+        settings = dict(kernel=kernel, outputs=outputs, precision=precision, groups=spans,
+                        rows=n_rows, cols=n_cols, cross=inputs2 is not None)  # fmt: skip
+        ckpt = _open_checkpoint(checkpoint, job, settings, batches + (batches2 or []))
         size = ckpt.block_size  # the block boundaries of the first run
+        out_dev = torch.device("cpu")  # the memory-mapped file
 
     def allocate(name: str, per: int) -> torch.Tensor:
         if ckpt is not None:
             return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype)
         return torch.empty(n_rows * per, n_cols * per, dtype=kdtype, device=out_dev)
 
-    if ckpt is not None:
-        out_dev = torch.device("cpu")  # the memory-mapped file
     # C is known after the first block; budget for up to 8 outputs per sample.
     kernel_bytes = len(spans) * (8 * n_rows) * (8 * n_cols) * torch.finfo(kdtype).bits // 8
+    store = JacobianStore(job.device, _store_budget(job.device, kernel_bytes, out_dev))
     bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
     with evaluation_mode(model), matmul_precision(precision):
-        engine = JacobianEngine(model, output or default_output, selected, plan, ops, dtype, dev)
+        engine = job.engine()
 
         def stream(side: str, parts, keep: bool):
             if ckpt is None:
-                return iterate_blocks(engine, blocks(parts, size), bar)
+                return _as_signs(iterate_blocks(engine, blocks(parts, size), bar), kernel)
             load = (lambda s: ckpt.load(side, s)) if keep else None
-            return iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
+            found = iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
+            return _as_signs(found, kernel)
 
-        rows = _as_signs(stream("rows", batches, keep=inputs2 is None), kernel)
-        cols = None if batches2 is None else _as_signs(stream("cols", batches2, True), kernel)
+        rows = stream("rows", batches, keep=inputs2 is None)
+        cols = None if batches2 is None else stream("cols", batches2, keep=True)
+        finish = None if ckpt is None else ckpt.finish
         try:
             K, C = assemble(
-                rows,
-                cols,
-                spans,
-                kernel,
-                outputs,
-                ops,
-                kdtype,
-                JacobianStore(dev, _store_budget(dev, kernel_bytes, out_dev)),
-                allocate,
-                None if ckpt is None else ckpt.finish,
+                rows, cols, spans, kernel, outputs, job.ops, kdtype, store, allocate, finish
             )
         finally:
             if bar is not None:
@@ -281,14 +298,11 @@ def jacobian(
     Columns follow ``model.named_parameters()`` order, each parameter flattened
     row-major. dtype: the computation's (bfloat16 for ``precision="bf16"``).
     """
-    dev = _model_device(model, device)
-    dtype = compute_dtype(precision, parameter_dtype(model))
-    ops = resolve_ops(backend, dev)
+    job = _Job.create(
+        model, params=params, output=output, precision=precision, backend=backend,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
     batches, _ = split(inputs, "inputs")
-    selected = select_params(model, params)
-    offsets, num_columns = column_offsets(selected)
-    plan = build_plan(model, selected, offsets)
-    size = _block_size(batch_size, dev, num_columns, dtype)
     with evaluation_mode(model), matmul_precision(precision):
-        engine = JacobianEngine(model, output or default_output, selected, plan, ops, dtype, dev)
-        return torch.cat([J for _, J, _ in iterate_blocks(engine, blocks(batches, size))], dim=0)
+        found = iterate_blocks(job.engine(), blocks(batches, job.block_size))
+        return torch.cat([J for _, J, _ in found], dim=0)

@@ -126,13 +126,17 @@ def _cholesky_qr(W: Tensor, min_diag: float, max_cond: float) -> Tensor | None:
 
 def _householder_drop(W: Tensor, V: Tensor, min_diag: float) -> Tensor:
     Q, R = torch.linalg.qr(W, mode="reduced")
-    Q = _project_out(Q[:, R.diagonal().abs() > min_diag], V)
+    Q = Q[:, R.diagonal().abs() > min_diag]
     # Dividing by small R_ii amplifies what was left of span(V): keep the columns that are
-    # mostly new after projecting once more, and re-orthonormalize them.
-    Q = Q[:, torch.linalg.vector_norm(Q, dim=0) > 0.5]
-    if Q.shape[1] == 0:
-        return Q
-    return torch.linalg.qr(Q, mode="reduced")[0]
+    # mostly new after projecting once more, and re-orthonormalize them; twice, since the
+    # re-orthonormalization divides again.
+    for _ in range(2):
+        Q = _project_out(Q, V)
+        Q = Q[:, torch.linalg.vector_norm(Q, dim=0) > 0.5]
+        if Q.shape[1] == 0:
+            return Q
+        Q = torch.linalg.qr(Q, mode="reduced")[0]
+    return Q[:, : W.shape[0] - V.shape[1]]  # the complement of span(V) holds no more
 
 
 def orthonormalize(W: Tensor, V: Tensor, drop_tol: float) -> Tensor:
