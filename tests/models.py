@@ -81,6 +81,10 @@ def llama():
         num_key_value_heads=2,
         max_position_embeddings=64,
         pad_token_id=0,
+        # At the default 0.02 some random draws cancel in the residual stream so much that
+        # fp32 rounding alone moves J by 1e-5 (any fp32 implementation would); at 0.1 the
+        # worst of 30 draws is 9e-7, so the tests measure linft rather than the draw.
+        initializer_range=0.1,
     )
     cfg = LoraConfig(
         r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
