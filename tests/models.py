@@ -119,3 +119,25 @@ def random_lengths(n: int, low: int = 2, high: int = 9) -> list[int]:
 
 def trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+ARCHITECTURES = ["roberta_cls", "roberta_mlm", "gpt2", "llama"]
+
+
+def architecture(name: str):
+    """(peft model, output helper) of one of ``ARCHITECTURES``."""
+    if name == "roberta_cls":
+        return roberta_classifier(), linft.outputs.logits()
+    if name == "roberta_mlm":
+        return roberta_mlm()
+    if name == "gpt2":
+        return gpt2()
+    if name == "llama":
+        return llama()
+    raise KeyError(name)
+
+
+def architecture_batch(name: str, n: int, left: bool = False):
+    """A padded batch of n random samples that ``name``'s output helper can read."""
+    pad = 1 if name.startswith("roberta") else 0
+    return token_batch(random_lengths(n), pad_id=pad, left=left, mask_token=name == "roberta_mlm")

@@ -6,12 +6,11 @@ import pytest
 import torch
 from checks import assert_rel_close, gram
 from models import (
+    ARCHITECTURES,
     LABEL_WORDS,
-    gpt2,
-    llama,
-    random_lengths,
+    architecture,
+    architecture_batch,
     roberta_classifier,
-    roberta_mlm,
     token_batch,
     trainable_names,
 )
@@ -22,33 +21,10 @@ import linft
 FP32_REL = 1e-5
 
 
-def _case(name: str):
-    if name == "roberta_cls":
-        return roberta_classifier(), linft.outputs.logits(), 1
-    if name == "roberta_mlm":
-        model, output = roberta_mlm()
-        return model, output, 1
-    if name == "gpt2":
-        model, output = gpt2()
-        return model, output, 0
-    if name == "llama":
-        model, output = llama()
-        return model, output, 0
-    raise KeyError(name)
-
-
-def _batch(name: str, n: int, left: bool = False):
-    pad = 1 if name.startswith("roberta") else 0
-    return token_batch(random_lengths(n), pad_id=pad, left=left, mask_token=name == "roberta_mlm")
-
-
-ARCHS = ["roberta_cls", "roberta_mlm", "gpt2", "llama"]
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_full_kernel_matches_reference_on_padded_batch(arch):
-    model, output, _ = _case(arch)
-    batch = _batch(arch, 5)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_full_kernel_matches_reference_on_paddedarchitecture_batch(arch):
+    model, output = architecture(arch)
+    batch = architecture_batch(arch, 5)
     K = linft.ntk(model, batch, output=output, batch_size=2)
     J = reference_jacobian(model, batch, output, trainable_names(model))
     assert K.dtype == torch.float32
@@ -58,8 +34,8 @@ def test_full_kernel_matches_reference_on_padded_batch(arch):
 
 
 def test_left_padded_causal_lm_matches_reference():
-    model, output, _ = _case("llama")
-    batch = _batch("llama", 4, left=True)
+    model, output = architecture("llama")
+    batch = architecture_batch("llama", 4, left=True)
     K = linft.ntk(model, batch, output=output, batch_size=3)
     J = reference_jacobian(model, batch, output, trainable_names(model))
     assert_rel_close(K, gram(J, J), FP32_REL, "llama left padding")
@@ -67,7 +43,7 @@ def test_left_padded_causal_lm_matches_reference():
 
 def test_padding_does_not_change_a_row():
     """A sample's kernel row is the same alone as inside a padded batch."""
-    model, output, _ = _case("gpt2")
+    model, output = architecture("gpt2")
     batch = token_batch([3, 8, 5], pad_id=0)
     together = linft.ntk(model, batch, output=output)
     short = {k: v[:1, :3] for k, v in batch.items()}
@@ -80,7 +56,7 @@ def test_padding_does_not_change_a_row():
 def test_kernels_and_output_modes_in_float64(kernel, outputs):
     """float64 models compute in float64, so sign patterns are exact."""
     model = roberta_classifier().double()
-    batch = _batch("roberta_cls", 4)
+    batch = architecture_batch("roberta_cls", 4)
     K = linft.ntk(model, batch, kernel=kernel, outputs=outputs, batch_size=3)
     J = reference_jacobian(model, batch, linft.outputs.logits(), trainable_names(model))
     expected = gram(J, J, kernel)
@@ -96,15 +72,15 @@ def test_kernels_and_output_modes_in_float64(kernel, outputs):
 @pytest.mark.parametrize("kernel", ["signgd", "asym_signgd"])
 def test_sign_kernels_in_fp32_match_signs_of_the_jacobian(kernel):
     model = roberta_classifier()
-    batch = _batch("roberta_cls", 5)
+    batch = architecture_batch("roberta_cls", 5)
     K = linft.ntk(model, batch, kernel=kernel, batch_size=2)
     J = linft.jacobian(model, batch).double()
     assert_rel_close(K, gram(J, J, kernel), 1e-6, kernel)
 
 
 def test_cross_kernel_matches_reference():
-    model, output, _ = _case("gpt2")
-    a, b = _batch("gpt2", 3), _batch("gpt2", 4)
+    model, output = architecture("gpt2")
+    a, b = architecture_batch("gpt2", 3), architecture_batch("gpt2", 4)
     K = linft.ntk(model, a, b, output=output, batch_size=2)
     names = trainable_names(model)
     Ja = reference_jacobian(model, a, output, names)
@@ -115,7 +91,7 @@ def test_cross_kernel_matches_reference():
 
 def test_cross_trace_with_asymmetric_kernel():
     model = roberta_classifier().double()
-    a, b = _batch("roberta_cls", 3), _batch("roberta_cls", 2)
+    a, b = architecture_batch("roberta_cls", 3), architecture_batch("roberta_cls", 2)
     K = linft.ntk(model, a, b, kernel="asym_signgd", outputs="trace")
     names = trainable_names(model)
     out = linft.outputs.logits()
@@ -132,7 +108,7 @@ def test_cross_trace_with_asymmetric_kernel():
 
 def test_single_output_gives_a_matrix():
     model = roberta_classifier(num_labels=1)
-    batch = _batch("roberta_cls", 4)
+    batch = architecture_batch("roberta_cls", 4)
     K = linft.ntk(model, batch, outputs="full")
     assert K.shape == (4, 4)
     J = reference_jacobian(model, batch, linft.outputs.logits(), trainable_names(model))
@@ -142,7 +118,7 @@ def test_single_output_gives_a_matrix():
 @pytest.mark.parametrize("groups", ["module", "layer"])
 def test_layer_ntks_sum_to_ntk_and_match_column_blocks(groups):
     model = roberta_classifier()
-    batch = _batch("roberta_cls", 4)
+    batch = architecture_batch("roberta_cls", 4)
     parts = linft.layer_ntks(model, batch, groups=groups, batch_size=3)
     full = linft.ntk(model, batch, batch_size=3)
     assert_rel_close(sum(parts.values()), full, 1e-6, "sum of groups")
@@ -173,8 +149,8 @@ def test_layer_ntks_sum_to_ntk_and_match_column_blocks(groups):
 
 
 def test_jacobian_matches_reference_in_parameter_order():
-    model, output, _ = _case("llama")
-    batch = _batch("llama", 3)
+    model, output = architecture("llama")
+    batch = architecture_batch("llama", 3)
     J = linft.jacobian(model, batch, output=output, batch_size=2)
     expected = reference_jacobian(model, batch, output, trainable_names(model))
     assert J.shape == expected.shape
@@ -183,7 +159,7 @@ def test_jacobian_matches_reference_in_parameter_order():
 
 def test_iterable_of_batches_equals_one_mapping():
     model = roberta_classifier()
-    a, b = _batch("roberta_cls", 3), _batch("roberta_cls", 2)
+    a, b = architecture_batch("roberta_cls", 3), architecture_batch("roberta_cls", 2)
     width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
 
     def pad(batch):

@@ -10,11 +10,10 @@ import pytest
 import torch
 from checks import assert_rel_close, gram
 from models import (
-    gpt2,
-    llama,
+    ARCHITECTURES,
+    architecture,
+    architecture_batch,
     random_lengths,
-    roberta_classifier,
-    roberta_mlm,
     token_batch,
     trainable_names,
 )
@@ -28,24 +27,12 @@ pytest.importorskip("triton", reason="the Triton backend needs Triton installed"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _case(arch):
-    if arch == "roberta_cls":
-        return (
-            roberta_classifier(),
-            linft.outputs.logits(),
-            token_batch(random_lengths(3), pad_id=1),
-        )
-    if arch == "roberta_mlm":
-        model, out = roberta_mlm()
-        return model, out, token_batch(random_lengths(3), pad_id=1, mask_token=True)
-    if arch == "gpt2":
-        model, out = gpt2()
-        return model, out, token_batch(random_lengths(3), pad_id=0)
-    model, out = llama()
-    return model, out, token_batch(random_lengths(3), pad_id=0, left=True)
+def _case(arch: str, left: bool = False):
+    model, output = architecture(arch)
+    return model, output, architecture_batch(arch, 3, left=left or arch == "llama")
 
 
-@pytest.mark.parametrize("arch", ["roberta_cls", "roberta_mlm", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_triton_backend_matches_reference(arch):
     model, output, batch = _case(arch)
     J = reference_jacobian(model, batch, output, trainable_names(model))
