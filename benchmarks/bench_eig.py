@@ -81,21 +81,30 @@ def accuracy(matmul, values, vectors, lam_true, k: int) -> tuple[float, float]:
     return float(err), float(res.max())
 
 
+def linft_run(A, k: int, backend: str, method: str = "krylov"):
+    """A provider: linft.topk_eigh on A (a matrix or an operator) -> (values desc, vectors)."""
+
+    def run():
+        e = linft.topk_eigh(A, k, method=method, backend=backend, seed=0, tol=1e-4)
+        return e.values, e.vectors
+
+    return run
+
+
+def linft_providers(A, k: int) -> dict:
+    """linft through the extension (when loaded) and through its pure-torch twin."""
+    provs = {}
+    if _ext.available():
+        provs["linft (extension)"] = linft_run(A, k, "extension")
+    provs["linft (torch twin)"] = linft_run(A, k, "torch")
+    return provs
+
+
 def topk_providers(A: torch.Tensor, k: int, n: int, device: str, with_slow: bool, quick: bool):
     """name -> callable returning (values desc, vectors)."""
 
-    def linft_run(backend, method="krylov"):
-        def run():
-            e = linft.topk_eigh(A, k, method=method, backend=backend, seed=0, tol=1e-4)
-            return e.values, e.vectors
-
-        return run
-
-    provs = {}
-    if _ext.available():
-        provs["linft (extension)"] = linft_run("extension")
-    provs["linft (torch twin)"] = linft_run("torch")
-    provs["linft nystrom (torch)"] = linft_run("torch", "nystrom")
+    provs = linft_providers(A, k)
+    provs["linft nystrom (torch)"] = linft_run(A, k, "torch", "nystrom")
     if with_slow:
         provs["torch.linalg.eigh"] = lambda: _eigh_top(A, k)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -222,17 +231,7 @@ def case_matfree(args, gen, rows):
     lam = (s.double() ** 2).sort(descending=True).values
     op = GramOperator(J)
 
-    def linft_run(backend):
-        def run():
-            e = linft.topk_eigh(op, k, backend=backend, seed=0, tol=1e-4, method="krylov")
-            return e.values, e.vectors
-
-        return run
-
-    provs = {}
-    if _ext.available():
-        provs["linft (extension)"] = linft_run("extension")
-    provs["linft (torch twin)"] = linft_run("torch")
+    provs = linft_providers(op, k)
 
     def svd_run():
         U, S, _ = torch.svd_lowrank(J.float() if J.dtype != torch.float32 else J, q=k + 10, niter=4)
