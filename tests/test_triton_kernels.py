@@ -343,6 +343,23 @@ def test_gram_symmetric(tk, split_k, sign, int8, dtype, rtol):
         assert_close_to_max(out, expected, rtol, "gram_symmetric")
 
 
+@pytest.mark.parametrize("block,reduce_block", [(16, 32), (32, 16), (16, 64)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gram_split_reduce_tiles_differ_from_gemm_tiles(tk, symmetric, block, reduce_block):
+    """The split-K sum has its own tiles (64 on the GPU under 128 GEMM tiles): a symmetric
+    sum must still read only partials the GEMM computed."""
+    m, P = 53, 250
+    a = torch.randn(m, P, device=DEVICE)
+    cfg = {"BLOCK_M": block, "BLOCK_N": block, "SPLIT_K": 3, "REDUCE_BLOCK": reduce_block}
+    out = torch.full((m, m), SENTINEL, device=DEVICE)
+    if symmetric:
+        tk.gram_symmetric(a, out, config=cfg)
+        assert torch.equal(out, out.T), "not exactly symmetric"
+    else:
+        tk.gram_tile(a, a, out, config=cfg)
+    assert_close_to_max(out, gram_reference(a, a, False, False), 1e-5, "split-K reduce")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gram_half_accumulates_in_fp32(tk, dtype):
     """What the kernel is for: torch's half matmul rounds its output to half."""

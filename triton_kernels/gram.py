@@ -149,12 +149,14 @@ def _gram_reduce_kernel(
     ws_plane,  # M * N, elements of one partial
     stride_om,  # out strides
     stride_on,
+    splits,  # partials to sum (a runtime loop: no unrolling, one binary for every count)
     SYMMETRIC: tl.constexpr,  # only tiles with pid_m <= pid_n, written with their mirror
-    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # Its tiles need not be the GEMM's: the symmetric store keeps only row <= col, and
+    # every such element lies in a GEMM tile with I <= J, so it was computed.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SYMMETRIC and pid_m > pid_n:
         return
@@ -165,7 +167,7 @@ def _gram_reduce_kernel(
     ws = ws_ptr + ws_offs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # fixed summation order: deterministic, run to run
-    for _ in range(SPLIT_K):
+    for _ in range(splits):
         acc += tl.load(ws, mask=ok, other=0.0)
         ws += ws_plane
     _store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, SYMMETRIC)
@@ -208,6 +210,7 @@ def _launch(a, b, out, symmetric, sign_a, sign_b, int8, input_precision, config)
     if symmetric and cfg["BLOCK_M"] != cfg["BLOCK_N"]:
         raise ValueError("gram_symmetric needs BLOCK_M == BLOCK_N")
     split = cfg.pop("SPLIT_K")
+    reduce_block = cfg.pop("REDUCE_BLOCK")
     k_per_split = triton.cdiv(triton.cdiv(p, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = max(1, triton.cdiv(p, k_per_split))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"])
@@ -220,10 +223,10 @@ def _launch(a, b, out, symmetric, sign_a, sign_b, int8, input_precision, config)
         CD=compute_dtype(eff), PREC=prec, UPCAST=interpreting(), SPLIT_K=split, **cfg,
     )  # fmt: skip
     if split > 1:
-        _gram_reduce_kernel[(tiles,)](
-            ws, out, m, k, m * k, out.stride(0), out.stride(1), SYMMETRIC=symmetric, SPLIT_K=split,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-            num_warps=4,
+        rb = reduce_block
+        _gram_reduce_kernel[(triton.cdiv(m, rb) * triton.cdiv(k, rb),)](
+            ws, out, m, k, m * k, out.stride(0), out.stride(1), split, SYMMETRIC=symmetric,
+            BLOCK_M=rb, BLOCK_N=rb, GROUP_M=cfg["GROUP_M"], num_warps=4,
         )  # fmt: skip
 
 

@@ -138,13 +138,16 @@ def jacobian_config(
     }
 
 
-def _gram_cfg(bm, bn, bk, group, warps, stages, split=1) -> dict:
+def _gram_cfg(bm, bn, bk, group, warps, stages, split=1, reduce_block=64) -> dict:
     return {
         "BLOCK_M": bm,
         "BLOCK_N": bn,
         "BLOCK_K": bk,
         "GROUP_M": group,
         "SPLIT_K": split,
+        # square tiles of the split-K sum; 64 x 64 fp32 over 4 warps stays in registers
+        # (128 x 128 spilled when compiled for sm_90: benchmarks/kernel_resources.py)
+        "REDUCE_BLOCK": reduce_block,
         "num_warps": warps,
         "num_stages": stages,
     }
@@ -171,15 +174,17 @@ def gram_config(
     symmetric result exactly symmetric).
     """
     if interpreting():
-        return _gram_cfg(16, 16, 32, group=2, warps=1, stages=1, split=1)
+        return _gram_cfg(16, 16, 32, group=2, warps=1, stages=1, split=1, reduce_block=16)
     if int8:
         cfg = _gram_cfg(128, 128, 128 // max(1, load_bytes // 2), group=8, warps=8, stages=4)
     elif dtype == torch.float32:
-        cfg = _gram_cfg(64, 64, 32, group=8, warps=4, stages=3)
+        # fp32 FMA tiles: 8 warps keep 16 accumulators a thread (4 warps spilled on sm_90)
+        cfg = _gram_cfg(64, 64, 32, group=8, warps=8, stages=3)
     else:
         cfg = _gram_cfg(128, 128, 64, group=8, warps=8, stages=4)
     if max(m, k) <= 64:
-        cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        fp32_fma = dtype == torch.float32 and not int8
+        cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=8 if fp32_fma else 4)
     if symmetric:
         cfg["BLOCK_N"] = cfg["BLOCK_M"]
     # stay within ~160 KiB of pipelined shared memory (H100/H200 have 227 KiB per block)
