@@ -11,8 +11,11 @@ query and value, sequence length 128, 2 labels, N = 256 ... 16384. Providers:
 - ``floor-{fp32,bf16}``: one forward and C backward passes of the same model and
   precision with no capture, per sample: what any method must pay.
 
-Every row reports time, ms per sample, peak GPU memory and the relative error
-against the torch.func kernel on the same inputs (computed where torch.func ran).
+Every row reports time, ms per sample, peak GPU memory, the relative error against the
+torch.func kernel on the same inputs (where torch.func ran) and against a float64
+torch.func kernel of the first ``--fp64-samples`` samples, the speed-up over torch.func,
+and time / (floor + Gram): the floor of the same precision plus the Gram GEMM's
+(N C)^2 P multiply-adds at the GEMM rate measured in this run.
 
     python benchmarks/bench_ntk.py                       # GPU, full sizes
     python benchmarks/bench_ntk.py --device cpu --quick  # tiny, anywhere
@@ -21,6 +24,7 @@ against the torch.func kernel on the same inputs (computed where torch.func ran)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -125,8 +129,43 @@ def floor(model, batch, precision, block):
             torch.autograd.grad(f[:, a].sum(), leaves, retain_graph=a < f.shape[1] - 1)
 
 
+def gemm_rate(device, precision, P, rows=1024, reps=5):
+    """Multiply-add rate (FLOP/s) of the Gram GEMM ``[rows, P] @ [P, rows]`` here."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(rows, P, device=device).to(dtype)
+    b = torch.randn(rows, P, device=device).to(dtype)
+    a @ b.T  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b.T
+    sync(device)
+    return 2 * rows * rows * P * reps / (time.perf_counter() - t)
+
+
+def fp64_reference(model, batch):
+    """The torch.func kernel of ``batch`` with the model and its inputs in float64."""
+    model64 = copy.deepcopy(model).double()
+    return torch_func_kernel(model64, batch, len(batch["input_ids"])).cpu()
+
+
 def rel_error(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def add_ratios(rows, rates, P):
+    """Speed-up over torch.func, and time over (floor + Gram GEMM at the measured rate)."""
+    seconds = {(r["provider"], r["N"]): r["seconds"] for r in rows}
+    for r in rows:
+        func = seconds.get(("torch.func", r["N"]))
+        r["speedup"] = func / r["seconds"] if func else float("nan")
+        r["vs_floor_gram"] = float("nan")
+        prec = r["provider"].split("-")[-1]
+        floor_s = seconds.get((f"floor-{prec}", r["N"]))
+        if r["provider"].startswith("linft-") and floor_s and prec in rates:
+            rows_k = r["N"] * 2  # N C kernel rows, C = 2 labels
+            gram_s = rows_k * rows_k * P / rates[prec]  # symmetric: half of 2 (NC)^2 P
+            r["vs_floor_gram"] = r["seconds"] / (floor_s + gram_s)
 
 
 def main():
@@ -141,6 +180,7 @@ def main():
     )
     p.add_argument("--func-max-n", type=int, default=16384, help="largest N for torch.func")
     p.add_argument("--loop-samples", type=int, default=64)
+    p.add_argument("--fp64-samples", type=int, default=128, help="float64 reference prefix")
     p.add_argument("--block", type=int, default=None, help="linft batch_size (default: automatic)")
     p.add_argument("--out-device", default=None, help="where linft keeps K (cpu for N*C > ~90k)")
     p.add_argument("--seq", type=int, default=128)
@@ -167,9 +207,21 @@ def main():
     providers = args.providers.split(",")
     sizes = [int(n) for n in args.ns.split(",")]
     rows, reference = [], {}
+    P = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    # inputs(n) draws the same first rows for every n: one float64 reference serves all N
+    m64 = min(args.fp64_samples, min(sizes))
+    ref64 = fp64_reference(model, inputs(m64, args, device))
+    precisions = {q.split("-")[-1] for q in providers if q.startswith(("linft-", "floor-"))}
+    rates = {q: gemm_rate(device, q, P) for q in precisions if q in ("fp32", "bf16")}
+    print(f"LoRA parameters P = {P}; Gram GEMM rate (TFLOP/s): ", end="")
+    print(", ".join(f"{q} {r / 1e12:.1f}" for q, r in sorted(rates.items())))
 
-    def record(provider, n, secs, peak, err):
-        rows.append(dict(provider=provider, N=n, seconds=secs, peak_gib=peak, rel_error=err))
+    def record(provider, n, secs, peak, err, K=None):
+        err64 = rel_error(K[:m64, :, :m64], ref64) if K is not None else float("nan")
+        rows.append(
+            dict(provider=provider, N=n, seconds=secs, peak_gib=peak, rel_error=err,
+                 rel_error_fp64=err64)
+        )  # fmt: skip
 
     for n in sizes:
         batch = inputs(n, args, device)
@@ -177,7 +229,7 @@ def main():
             torch_func_kernel(model, inputs(4, args, device), 4)  # warm-up
             secs, peak, K = measure(torch_func_kernel, device, model, batch, min(n, 1024))
             reference[n] = K.cpu()
-            record("torch.func", n, secs, peak, 0.0)
+            record("torch.func", n, secs, peak, 0.0, reference[n])
             del K
         for prov in providers:
             if prov.startswith("floor-"):
@@ -195,8 +247,9 @@ def main():
                     print(f"skip {prov}: {err}")
                     continue
                 secs, peak, K = measure(linft.ntk, device, model, batch, **kw)
-                err = rel_error(K.cpu(), reference[n]) if n in reference else float("nan")
-                record(prov, n, secs, peak, err)
+                K = K.cpu()
+                err = rel_error(K, reference[n]) if n in reference else float("nan")
+                record(prov, n, secs, peak, err, K)
                 del K
             elif prov == "loop" and n == min(sizes):
                 count = min(n, args.loop_samples)
@@ -207,15 +260,20 @@ def main():
                     K = torch.einsum("iap,jbp->iajb", Jr, Jr).cpu()
                     err = rel_error(K, reference[n][:count, :, :count])
                 record("loop", count, secs, peak, err)
+    add_ratios(rows, rates, P)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\ndevice: {name}, torch {torch.__version__}")
-    print("| provider | N | time (s) | ms/sample | peak GPU GiB | rel. error vs torch.func |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\ndevice: {name}, torch {torch.__version__}, fp64 reference: {m64} samples")
+    print(
+        "| provider | N | time (s) | ms/sample | peak GPU GiB | rel. error vs torch.func "
+        "| rel. error vs fp64 | speed-up vs torch.func | time / (floor + Gram) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ms = 1e3 * r["seconds"] / r["N"]
         print(
             f"| {r['provider']} | {r['N']} | {r['seconds']:.3f} | {ms:.3f} | "
-            f"{r['peak_gib']:.2f} | {r['rel_error']:.2e} |"
+            f"{r['peak_gib']:.2f} | {r['rel_error']:.2e} | {r['rel_error_fp64']:.2e} | "
+            f"{r['speedup']:.2f} | {r['vs_floor_gram']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,22 +1,69 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU machine, in one call (it keeps nothing between calls):
-# build the extension for sm_90, run the test suite on CUDA, then every benchmark.
-# Logs and JSON land in $OUT (or ./out). Usage, from the repo root on the GPU machine:
-#   bash benchmarks/gpu_session.sh [quick]
+# Everything that needs the GPU machine, in phases that each fit one device call (10 min).
+# The machine keeps nothing once it goes idle, so each phase builds the extension first
+# unless a build for this checkout is already there. Logs and JSON land in $OUT (or ./out),
+# one log per phase (the device tool returns at most 8 files). From the repo root:
+#   bash benchmarks/gpu_session.sh check   # build (sm_90), tests on CUDA, kernel benchmarks
+#   bash benchmarks/gpu_session.sh ntk     # bench_ntk, N = 256 ... 16384, all providers
+#   bash benchmarks/gpu_session.sh large   # bench_ntk N = 65536 bf16 (K on the host), bench_eig
+#   bash benchmarks/gpu_session.sh quick   # every step at small sizes (a dry run: ~3 min)
+# Each step has its own time limit, so a phase returns (with what it has) inside 10 minutes.
 set -uo pipefail
+PHASE=${1:-check}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+LOG="$OUT/$PHASE.log"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-FORCE_CUDA=1 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -3 | tee "$OUT/build.log"
-python3 -m pytest -q -x tests 2>&1 | tail -15 | tee "$OUT/tests.log"
-if [ "${1:-}" = quick ]; then
-  NS=256,1024; KN=8192
-else
-  NS=256,1024,4096,16384; KN=32768
-fi
-python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -25
-python3 benchmarks/bench_ntk.py --ns "$NS" --json "$OUT/bench_ntk.json" 2>&1 | tee "$OUT/bench_ntk.log" | tail -30
-python3 benchmarks/bench_ntk.py --ns 65536 --providers floor-bf16,linft-triton-bf16 --out-device cpu --json "$OUT/bench_ntk_65536.json" 2>&1 | tee "$OUT/bench_ntk_65536.log" | tail -6
-python3 benchmarks/bench_eig.py --n "$KN" 2>&1 | tee "$OUT/bench_eig.log" | tail -20
+
+step() {  # step SECONDS NAME COMMAND...: run with a limit, log, never stop the phase
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name ($(date -u +%FT%TZ), limit ${limit}s): $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -40
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
+}
+
+build() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
+  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__)" | tee -a "$LOG"
+  if python3 -c "import torch, linft._C, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key('linft::symm_matmul', 'CUDA'))" 2>/dev/null &&
+    [ -n "$(find linft -name '_C*.so' -newer csrc/cuda/symm_matmul.cu)" ]; then
+    echo "extension already built" | tee -a "$LOG"
+  else
+    step 300 build env FORCE_CUDA=1 python3 -m pip install -q -e . --no-deps --no-build-isolation
+  fi
+}
+
+case "$PHASE" in
+  check)
+    build
+    step 300 tests python3 -m pytest -q -p no:cacheprovider -rf tests
+    step 120 bench_kernels python3 benchmarks/bench_kernels.py
+    ;;
+  ntk)
+    build
+    step 540 bench_ntk python3 benchmarks/bench_ntk.py --ns 256,1024,4096,16384 \
+      --json "$OUT/bench_ntk.json"
+    ;;
+  large)
+    build
+    step 300 bench_ntk_65536 python3 benchmarks/bench_ntk.py --ns 65536 \
+      --providers floor-bf16,linft-triton-bf16 --out-device cpu --json "$OUT/bench_ntk_65536.json"
+    step 240 bench_eig python3 benchmarks/bench_eig.py --n 32768
+    ;;
+  quick)
+    build
+    step 300 tests python3 -m pytest -q -x -p no:cacheprovider tests
+    step 60 bench_kernels python3 benchmarks/bench_kernels.py --quick
+    step 120 bench_ntk python3 benchmarks/bench_ntk.py --ns 256,1024 --loop-samples 8
+    step 60 bench_eig python3 benchmarks/bench_eig.py --n 8192
+    ;;
+  *)
+    echo "unknown phase $PHASE: check, ntk, large or quick" >&2
+    exit 2
+    ;;
+esac

@@ -26,6 +26,7 @@ pure-torch twins (same signatures, same algorithms) used when the extension is a
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,9 @@ class Eig:
     ``A v`` recomputed for the returned pairs and ``||A||_2`` estimated by ``norm`` (the largest
     |Ritz value| seen, a lower bound, so residuals are never understated by it),
     ``iterations`` (restart cycles; 1 for ``"dense"``), ``converged`` (every residual <= tol),
-    ``matmuls`` (products with A, one per block of columns), ``method`` and ``backend`` used.
+    ``matmuls`` (products with A, one per block of columns), ``method`` and ``backend`` used,
+    and ``product``: how A was multiplied (``"symmetric"``, ``"gemm"``, ``"operator"``, or
+    ``"none"`` when no product was taken).
     """
 
     values: Tensor
@@ -72,6 +75,7 @@ class Eig:
     norm: float = 0.0
     method: str = ""
     backend: str = ""
+    product: str = ""
 
 
 # ---------------------------------------------------------------- pure-torch twins of the ops
@@ -192,27 +196,69 @@ def rayleigh_ritz(
 # ---------------------------------------------------------------- the operator A
 
 
+_SYMM_TILE = 256  # CPU tile of the extension's symmetric product (the CUDA kernel's is fixed)
+_PROBE_MIN_N = 2048  # below this the products are cheap: one GEMM, no timing
+_PRODUCT_CHOICE: dict[tuple, str] = {}  # (device, dtype, n and m size classes) -> product
+
+
+def _seconds(mm, X: Tensor) -> float:
+    """Wall time of one ``mm(X)`` after a warm-up call (allocations, kernel loading)."""
+    sync = torch.cuda.synchronize if X.is_cuda else (lambda: None)
+    mm(X)
+    sync()
+    start = time.perf_counter()
+    mm(X)
+    sync()
+    return time.perf_counter() - start
+
+
+def _faster_product(A: Tensor, X: Tensor, products: dict) -> str:
+    """The faster of the dense products for A's device, dtype and size, timed once on A.
+
+    The extension's symmetric product reads only half of A, which pays where the product
+    is bound by reading A; where it is bound by arithmetic (fp32 on CUDA cores, or a CPU:
+    ``benchmarks/RESULTS.md``) one BLAS GEMM is as fast or faster. Timing settles it per
+    machine; the choice is remembered for matrices of the same size class.
+    """
+    if len(products) == 1 or A.shape[0] < _PROBE_MIN_N:
+        return "gemm"
+    key = (str(A.device), A.dtype, A.shape[0].bit_length(), X.shape[1].bit_length())
+    if key not in _PRODUCT_CHOICE:
+        _PRODUCT_CHOICE[key] = min(products, key=lambda name: _seconds(products[name], X))
+    return _PRODUCT_CHOICE[key]
+
+
 class _Operator:
     """``X -> A X`` in the working dtype, counting the products."""
 
-    def __init__(self, A: Any, backend: str):
+    def __init__(self, A: Any, backend: str, product: str = "gemm"):
         self.count = 0
+        self.product = ""
         if isinstance(A, Tensor):
-            self._init_dense(A, backend)
+            self._init_dense(A, backend, product)
         else:
             self._init_operator(A)
+            self.product = "operator"
 
-    def _init_dense(self, A: Tensor, backend: str) -> None:
+    def _init_dense(self, A: Tensor, backend: str, product: str) -> None:
         _check_dense(A)
         self.dense = A if A.dtype in (torch.float32, torch.float64) else A.float()
         self.n = A.shape[0]
         self.dtype, self.device = self.dense.dtype, A.device
+        products = {"gemm": lambda X: self.dense @ X}  # one BLAS call over the whole matrix
         if backend == "extension":
             ops = torch.ops.linft
-            self._mm = lambda X: ops.symm_matmul(self.dense, X, 256)
-        else:
-            # One GEMM over the whole matrix: the fastest pure-torch product.
-            self._mm = lambda X: self.dense @ X
+            products["symmetric"] = lambda X: ops.symm_matmul(self.dense, X, _SYMM_TILE)
+        if product != "auto":
+            self.product, self._mm = product, products[product]
+            return
+
+        def first(X: Tensor) -> Tensor:
+            self.product = _faster_product(self.dense, X, products)
+            self._mm = products[self.product]
+            return self._mm(X)
+
+        self._mm = first
 
     def _init_operator(self, A: Any) -> None:
         shape = tuple(getattr(A, "shape", ()))
@@ -298,13 +344,19 @@ def topk_eigh(
     raised and ``converged=False``. ``method``: ``"auto"`` (Krylov, or dense ``eigh`` when the
     Krylov basis would exceed n / 2), ``"krylov"``, ``"nystrom"`` (PSD ``A``, ``largest`` only),
     ``"dense"``. ``backend``: ``"auto"`` (the C++/CUDA extension when loaded, else pure torch),
-    ``"extension"`` (an error if it is not loaded) or ``"torch"``. ``oversample``: extra block
-    columns ``p`` (default ``max(10, k // 2)``). See the module docstring for the algorithms.
+    ``"extension"`` (an error if it is not loaded) or ``"torch"``. A dense ``A`` is multiplied
+    by the extension's symmetric product (half of A read) under ``"extension"``, by one GEMM
+    under ``"torch"``, and under ``"auto"`` by whichever of the two was faster when timed once
+    on this device for matrices of this size (``Eig.product`` says which). ``oversample``:
+    extra block columns ``p`` (default ``max(10, k // 2)``). See the module docstring for the
+    algorithms.
     """
+    requested = backend
     backend = _resolve_backend(backend)
     if method not in _METHODS:
         raise ValueError(f"topk_eigh: method must be one of {_METHODS}, got {method!r}")
-    op = _Operator(A, backend)
+    product = {"auto": "auto", "extension": "symmetric", "torch": "gemm"}[requested]
+    op = _Operator(A, backend, product)
     n = op.n
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"topk_eigh: k must be a positive integer, got {k!r}")
@@ -333,6 +385,7 @@ def topk_eigh(
         out = solve(op, Q0, k, largest, tol, max_iters, _ops(backend))
     out.converged = bool((out.residuals <= tol).all())
     out.matmuls, out.method, out.backend = op.count, method, backend
+    out.product = op.product if op.count else "none"  # none: eigh of the matrix itself
     if not out.converged:
         warnings.warn(
             f"topk_eigh: not converged after {out.iterations} iterations ({method}): max "

@@ -1,6 +1,7 @@
 """linft.topk_eigh against float64 torch.linalg.eigh on matrices with known spectra."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -216,6 +217,56 @@ def test_backends_agree_and_seed_reproducible():
     c = topk_eigh(A, 10, seed=3, method="krylov", backend="torch")
     assert_small(a.values - b.values, 1e-4, "extension vs torch values")
     assert torch.equal(b.values, c.values) and torch.equal(b.vectors, c.vectors)
+
+
+def test_product_follows_backend():
+    A = with_spectrum(spectra("power1", 300), torch.float32)
+    assert topk_eigh(A, 5, method="krylov", backend="extension").product == "symmetric"
+    assert topk_eigh(A, 5, method="krylov", backend="torch").product == "gemm"
+    assert topk_eigh(A, 5, method="krylov").product == "gemm"  # small: no timing
+    assert topk_eigh(A, 5, method="dense").product == "none"
+
+    class Gram:
+        shape, dtype = (300, 300), torch.float32
+
+        def matmul(self, X):
+            return A @ X
+
+    assert topk_eigh(Gram(), 5, method="krylov").product == "operator"
+
+
+def test_auto_product_is_the_faster_one_and_remembered(monkeypatch):
+    from linft import eig
+
+    monkeypatch.setattr(eig, "_PRODUCT_CHOICE", {})
+
+    def products(A, slow_one):
+        def product(name):
+            def mm(X):
+                if name == slow_one:
+                    time.sleep(0.02)
+                return A @ X
+
+            return mm
+
+        return {name: product(name) for name in ("gemm", "symmetric")}
+
+    A, X = torch.randn(2048, 2048), torch.randn(2048, 7)
+    assert eig._faster_product(A, X, products(A, "gemm")) == "symmetric"
+    # the same size class on the same device: remembered, not timed again
+    assert eig._faster_product(A, X, products(A, "symmetric")) == "symmetric"
+    B, Y = torch.randn(4096, 4096), torch.randn(4096, 7)  # another size class is timed
+    assert eig._faster_product(B, Y, products(B, "symmetric")) == "gemm"
+    assert eig._faster_product(A.double(), X.double(), {"gemm": lambda X: X}) == "gemm"
+
+
+def test_auto_product_end_to_end_matches_eigh():
+    n, k = 2048, 6
+    lam = spectra("power1.5", n)
+    A = with_spectrum(lam, torch.float32)
+    e = topk_eigh(A, k, tol=1e-4, method="krylov", seed=1)
+    assert e.product in ("symmetric", "gemm") and e.converged
+    check_eig(A, e, lam, 1e-4, k)
 
 
 def test_public_names():
