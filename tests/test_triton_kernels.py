@@ -3,7 +3,8 @@
 Runs on the GPU when there is one, else on the CPU through the Triton interpreter
 (``TRITON_INTERPRET=1``, set before Triton is imported). The interpreter uses small
 tiles (``triton_kernels.utils``), so these shapes span several tiles on every axis;
-one test forces the GPU tile sizes on small shapes to cover their boundary masks.
+one test forces the GPU tile sizes on small shapes to cover their boundary masks, and
+the last ones run the exact default tiles a GPU would get (split-K and its reduce too).
 """
 
 from __future__ import annotations
@@ -417,3 +418,87 @@ def test_gram_float64_and_checks(tk):
         tk.gram_tile(f, f, torch.empty(6, 5, device=DEVICE))
     with pytest.raises(ValueError, match="BLOCK_M == BLOCK_N"):
         tk.gram_symmetric(f, torch.empty(6, 6, device=DEVICE), config={"BLOCK_N": 32})
+
+
+# ------------------------------------------------- the GPU's own default tiles, interpreted
+
+
+@pytest.fixture
+def gpu_defaults(tk, monkeypatch):
+    """The launchers pick the tiles a GPU would get (128-256 wide, split-K, 64-wide
+    reduce under 128 tiles) while the kernels still run here; on a GPU this is a no-op."""
+    utils = sys.modules[f"{tk.__name__}.utils"]
+
+    def as_on_gpu(config_fn):
+        def config(*args, **kwargs):
+            saved = utils.interpreting
+            utils.interpreting = lambda: False
+            try:
+                return config_fn(*args, **kwargs)
+            finally:
+                utils.interpreting = saved
+
+        return config
+
+    chosen = []
+
+    def recorded(config_fn):
+        def config(*args, **kwargs):
+            cfg = config_fn(*args, **kwargs)
+            chosen.append(dict(cfg))
+            return cfg
+
+        return config
+
+    for module, name in (("lora_jacobian", "jacobian_config"), ("gram", "gram_config")):
+        mod = sys.modules[f"{tk.__name__}.{module}"]
+        monkeypatch.setattr(mod, name, recorded(as_on_gpu(getattr(utils, name))))
+    return chosen
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+def test_jacobian_with_gpu_default_tiles(tk, gpu_defaults, dtype, rtol):
+    n, C, T, d_in, d_out, r = 2, 2, 70, 300, 270, 8  # 2+ tiles on every axis of the GPU tiles
+    x, g, mask = jac_inputs(n, C, T, d_in, d_out, dtype, "padded")
+    A = torch.randn(r, d_in).to(dtype).to(DEVICE)
+    B = torch.randn(d_out, r).to(dtype).to(DEVICE)
+    out = torch.full((n, C, r * (d_in + d_out)), SENTINEL, device=DEVICE)
+    tk.lora_jacobian(x, g, A, B, 0.5, mask, out, 0, r * d_in)
+    expected = reference_out(ref_jac.lora_jacobian, x, g, A, B, 0.5, mask=mask, out=out,
+                             col_A=0, col_B=r * d_in)  # fmt: skip
+    assert_close_to_max(out, expected, rtol, "lora_jacobian, GPU tiles")
+    lin = torch.full((n, C, d_in * d_out + d_out), SENTINEL, device=DEVICE)
+    tk.linear_jacobian(x, g, mask, lin, 0, d_in * d_out)
+    expected = reference_out(ref_jac.linear_jacobian, x, g, mask=mask, out=lin, col_W=0,
+                             col_b=d_in * d_out)  # fmt: skip
+    assert_close_to_max(lin, expected, rtol, "linear_jacobian, GPU tiles")
+    assert max(cfg["BLOCK_N"] for cfg in gpu_defaults) == 256  # GPU tiles were used
+
+
+@pytest.mark.parametrize(
+    "dtype,stored,signs",
+    [
+        (torch.float32, torch.float32, (False, False)),
+        (torch.bfloat16, torch.bfloat16, (False, False)),
+        (torch.bfloat16, torch.bfloat16, (True, False)),
+        (torch.float32, torch.int8, (True, True)),
+    ],
+)
+def test_gram_with_gpu_default_tiles(tk, gpu_defaults, dtype, stored, signs):
+    m, P = 200, 6200  # two 128-row tiles, split-K 3 (4 SMs in the interpreter)
+    values = torch.randn(m, P).to(dtype)
+    a = (torch.sign(values).to(torch.int8) if stored == torch.int8 else values).to(DEVICE)
+    out = torch.full((m, m), SENTINEL, device=DEVICE)
+    if signs[0] == signs[1]:
+        tk.gram_symmetric(a, out, signs[0])
+        assert torch.equal(out, out.T), "not exactly symmetric"
+    else:
+        tk.gram_tile(a, a, out, *signs)
+    expected = gram_reference(values, values, *signs)
+    if all(signs):
+        assert torch.equal(out.double().cpu(), expected), "SignGD tiles are exact integers"
+    else:
+        assert_close_to_max(out, expected, 1e-5, "gram, GPU tiles")
+    cfg = gpu_defaults[-1]
+    if dtype != torch.float32:  # the 128 tiles, summed over split-K by 64-wide reduce tiles
+        assert cfg["BLOCK_M"] == 128 and cfg["SPLIT_K"] > 1 and cfg["REDUCE_BLOCK"] == 64
