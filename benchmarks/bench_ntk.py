@@ -160,7 +160,8 @@ def add_ratios(rows, rates, P):
         func = seconds.get(("torch.func", r["N"]))
         r["speedup"] = func / r["seconds"] if func else float("nan")
         r["vs_floor_gram"] = float("nan")
-        prec = r["provider"].split("-")[-1]
+        parts = r["provider"].split("-")
+        prec = parts[2] if parts[0] == "linft" else parts[-1]
         floor_s = seconds.get((f"floor-{prec}", r["N"]))
         if r["provider"].startswith("linft-") and floor_s and prec in rates:
             rows_k = r["N"] * 2  # N C kernel rows, C = 2 labels
@@ -176,7 +177,8 @@ def main():
     p.add_argument("--ns", default="256,1024,4096,16384")
     p.add_argument(
         "--providers",
-        default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,linft-triton-bf16,torch.func,loop",
+        default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,"
+        "linft-triton-bf16,linft-triton-bf16-lowmem,torch.func,loop",
     )
     p.add_argument("--func-max-n", type=int, default=16384, help="largest N for torch.func")
     p.add_argument("--loop-samples", type=int, default=64)
@@ -217,7 +219,7 @@ def main():
     print(", ".join(f"{q} {r / 1e12:.1f}" for q, r in sorted(rates.items())))
 
     def record(provider, n, secs, peak, err, K=None):
-        err64 = rel_error(K[:m64, :, :m64], ref64) if K is not None else float("nan")
+        err64 = float("nan") if K is None else rel_error(K[:m64, :, :m64].cpu(), ref64)
         rows.append(
             dict(provider=provider, N=n, seconds=secs, peak_gib=peak, rel_error=err,
                  rel_error_fp64=err64)
@@ -228,8 +230,8 @@ def main():
         if "torch.func" in providers and n <= args.func_max_n:
             torch_func_kernel(model, inputs(4, args, device), 4)  # warm-up
             secs, peak, K = measure(torch_func_kernel, device, model, batch, min(n, 1024))
-            reference[n] = K.cpu()
-            record("torch.func", n, secs, peak, 0.0, reference[n])
+            reference[n] = K  # kept on the device: errors of 32768^2 kernels there, not on CPU
+            record("torch.func", n, secs, peak, 0.0, K)
             del K
         for prov in providers:
             if prov.startswith("floor-"):
@@ -238,17 +240,20 @@ def main():
                 secs, peak, _ = measure(floor, device, model, batch, prec, min(n, 512))
                 record(prov, n, secs, peak, float("nan"))
             elif prov.startswith("linft-"):
-                _, backend, prec = prov.split("-")
+                _, backend, prec, *flags = prov.split("-")
                 kw = dict(params="lora", precision=prec, backend=backend, progress=False)
                 kw.update(batch_size=args.block, out_device=args.out_device)
+                if "lowmem" in flags:  # J blocks in host memory: GPU holds one block + K
+                    kw["jacobian_memory"] = 0
                 try:
                     linft.ntk(model, inputs(8, args, device), **kw)  # warm-up
                 except RuntimeError as err:  # backend not available here
                     print(f"skip {prov}: {err}")
                     continue
                 secs, peak, K = measure(linft.ntk, device, model, batch, **kw)
-                K = K.cpu()
-                err = rel_error(K, reference[n]) if n in reference else float("nan")
+                err = float("nan")
+                if n in reference:
+                    err = rel_error(K.to(reference[n].device), reference[n])
                 record(prov, n, secs, peak, err, K)
                 del K
             elif prov == "loop" and n == min(sizes):
@@ -257,9 +262,10 @@ def main():
                 err = float("nan")
                 if n in reference:
                     Jr = J.view(count, reference[n].shape[1], -1)
-                    K = torch.einsum("iap,jbp->iajb", Jr, Jr).cpu()
-                    err = rel_error(K, reference[n][:count, :, :count])
+                    K = torch.einsum("iap,jbp->iajb", Jr, Jr)
+                    err = rel_error(K, reference[n][:count, :, :count].to(K.device))
                 record("loop", count, secs, peak, err)
+        reference.pop(n, None)  # free the device before the next N
     add_ratios(rows, rates, P)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\ndevice: {name}, torch {torch.__version__}, fp64 reference: {m64} samples")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU machine, in phases that each fit one device call (10 min).
-# The machine keeps nothing once it goes idle, so each phase builds the extension first
-# unless a build for this checkout is already there. Logs and JSON land in $OUT (or ./out),
-# one log per phase (the device tool returns at most 8 files). From the repo root:
-#   bash benchmarks/gpu_session.sh check   # build (sm_90), tests on CUDA, kernel benchmarks
+# The machine keeps nothing once it goes idle, so a phase that needs the extension builds
+# it first unless a build for this checkout is there; bench_ntk needs none (Triton compiles
+# at run time). Logs and JSON land in $OUT (or ./out), one log per phase (the device tool
+# returns at most 8 files). From the repo root:
+#   bash benchmarks/gpu_session.sh check   # build (sm_90), tests on CUDA, bench_kernels
 #   bash benchmarks/gpu_session.sh ntk     # bench_ntk, N = 256 ... 16384, all providers
 #   bash benchmarks/gpu_session.sh large   # bench_ntk N = 65536 bf16 (K on the host), bench_eig
 #   bash benchmarks/gpu_session.sh quick   # every step at small sizes (a dry run: ~3 min)
@@ -26,38 +27,44 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log, never stop the 
 }
 
 build() {
+  versions
+  local has_cuda_op="import torch, linft._C, sys; sys.exit(not \
+torch._C._dispatch_has_kernel_for_dispatch_key('linft::symm_matmul', 'CUDA'))"
+  if python3 -c "$has_cuda_op" 2>/dev/null &&
+    [ -n "$(find linft -name '_C*.so' -newer csrc/cuda/symm_matmul.cu)" ]; then
+    echo "extension already built" | tee -a "$LOG"
+  else
+    step 150 build env FORCE_CUDA=1 python3 -m pip install -q -e . --no-deps --no-build-isolation
+  fi
+}
+
+versions() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
   python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__)" | tee -a "$LOG"
-  if python3 -c "import torch, linft._C, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key('linft::symm_matmul', 'CUDA'))" 2>/dev/null &&
-    [ -n "$(find linft -name '_C*.so' -newer csrc/cuda/symm_matmul.cu)" ]; then
-    echo "extension already built" | tee -a "$LOG"
-  else
-    step 300 build env FORCE_CUDA=1 python3 -m pip install -q -e . --no-deps --no-build-isolation
-  fi
 }
 
 case "$PHASE" in
   check)
     build
     step 300 tests python3 -m pytest -q -p no:cacheprovider -rf tests
-    step 120 bench_kernels python3 benchmarks/bench_kernels.py
+    step 90 bench_kernels python3 benchmarks/bench_kernels.py
     ;;
-  ntk)
-    build
-    step 540 bench_ntk python3 benchmarks/bench_ntk.py --ns 256,1024,4096,16384 \
+  ntk)  # no build: the checkout on PYTHONPATH
+    versions
+    step 560 bench_ntk env PYTHONPATH=. python3 benchmarks/bench_ntk.py --ns 256,1024,4096,16384 \
       --json "$OUT/bench_ntk.json"
     ;;
   large)
     build
-    step 300 bench_ntk_65536 python3 benchmarks/bench_ntk.py --ns 65536 \
+    step 180 bench_ntk_65536 env PYTHONPATH=. python3 benchmarks/bench_ntk.py --ns 65536 \
       --providers floor-bf16,linft-triton-bf16 --out-device cpu --json "$OUT/bench_ntk_65536.json"
-    step 240 bench_eig python3 benchmarks/bench_eig.py --n 32768
+    step 220 bench_eig python3 benchmarks/bench_eig.py --n 32768
     ;;
   quick)
     build
-    step 300 tests python3 -m pytest -q -x -p no:cacheprovider tests
+    step 240 tests python3 -m pytest -q -x -p no:cacheprovider tests
     step 60 bench_kernels python3 benchmarks/bench_kernels.py --quick
     step 120 bench_ntk python3 benchmarks/bench_ntk.py --ns 256,1024 --loop-samples 8
     step 60 bench_eig python3 benchmarks/bench_eig.py --n 8192

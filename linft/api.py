@@ -55,16 +55,27 @@ def _block_size(batch_size, device: torch.device, num_columns: int, dtype: torch
     return int(max(1, min(_MAX_GPU_BLOCK, 0.2 * free // max(per_sample, 1))))
 
 
-def _store_budget(device: torch.device, kernel_bytes: int, kernel_device: torch.device) -> float:
-    """Device bytes for stored J blocks: what K (if it is on this device) and the
-    block's own work (a quarter of the free memory) leave. Blocks past it wait in
-    host memory and are copied back for each later tile, so a budget that holds all
-    of J is much faster."""
+def _store_budget(device: torch.device, cap) -> Callable[[], float]:
+    """Device bytes for stored J blocks, worked out once the first block is done (K is
+    allocated by then): three quarters of what is free, cached blocks of the allocator
+    included, the rest left for the next blocks' work; at most ``cap``. Blocks past it
+    wait in host memory and are copied back for each later tile, so a budget that holds
+    all of J is much faster; ``cap=0`` bounds device memory by one block plus K."""
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0):
+        raise ValueError(
+            f"jacobian_memory must be a number of bytes >= 0 (0: every Jacobian block waits "
+            f"in host memory), or None to use what the GPU has free; got {cap!r}"
+        )
     if device.type != "cuda":
-        return float("inf")
-    free, _ = torch.cuda.mem_get_info(device)
-    on_device = kernel_bytes if kernel_device == device else 0
-    return max(0.0, 0.75 * free - on_device)
+        return lambda: float("inf")  # J is in host memory already
+
+    def budget() -> float:
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        room = 0.75 * (free + cached)
+        return room if cap is None else min(room, float(cap))
+
+    return budget
 
 
 def _as_signs(stream, kernel: str):
@@ -140,6 +151,7 @@ def _kernels(
     out_device,
     progress,
     checkpoint,
+    jacobian_memory,
     groups: str | Callable[[str], str] | None,
 ) -> dict[str, torch.Tensor]:
     kernel_signs(kernel)  # validate before any work
@@ -173,9 +185,7 @@ def _kernels(
             return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype)
         return torch.empty(n_rows * per, n_cols * per, dtype=kdtype, device=out_dev)
 
-    # C is known after the first block; budget for up to 8 outputs per sample.
-    kernel_bytes = len(spans) * (8 * n_rows) * (8 * n_cols) * torch.finfo(kdtype).bits // 8
-    store = JacobianStore(job.device, _store_budget(job.device, kernel_bytes, out_dev))
+    store = JacobianStore(job.device, _store_budget(job.device, jacobian_memory))
     bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
     with evaluation_mode(model), matmul_precision(precision):
         engine = job.engine()
@@ -217,6 +227,7 @@ def ntk(
     out_device=None,
     progress: bool | None = None,
     checkpoint: str | None = None,
+    jacobian_memory: float | None = None,
 ) -> torch.Tensor:
     """The empirical NTK ``K(X, X)`` (or the cross kernel ``K(X, X2)``).
 
@@ -230,6 +241,10 @@ def ntk(
     the finished Jacobian blocks, and a run that was stopped resumes from it
     (same model, inputs and settings; the returned K then lives in that file).
     ``progress``: a progress bar (None: only on a terminal).
+    ``jacobian_memory``: GPU bytes for the Jacobian blocks kept for later tiles (None:
+    three quarters of what is free once K is allocated). Blocks past it wait in host
+    memory and are copied back for each later tile: slower, but with 0 the GPU holds
+    only one block plus K, whatever N. (On the CPU, J is in host memory anyway.)
     """
     return _kernels(
         model,
@@ -246,6 +261,7 @@ def ntk(
         out_device=out_device,
         progress=progress,
         checkpoint=checkpoint,
+        jacobian_memory=jacobian_memory,
         groups=None,
     )["all"]
 
@@ -275,6 +291,7 @@ def layer_ntks(
         out_device=None,
         progress=None,
         checkpoint=None,
+        jacobian_memory=None,
     )
     unknown = set(ntk_kwargs) - set(defaults)
     if unknown:

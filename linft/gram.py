@@ -59,21 +59,28 @@ def kernel_signs(kernel: str) -> tuple[bool, bool]:
 
 class JacobianStore:
     """J blocks kept for later tiles: on the compute device while they fit in
-    ``budget`` bytes, in (pinned) host memory after that, so that device memory
-    stays bounded by the block size plus K."""
+    ``budget`` bytes, in host memory (pinned, for fast copies back) after that, so
+    that device memory stays bounded by the budget plus one block plus K.
+    ``budget``: bytes, or a function that gives them when the first block arrives."""
 
-    def __init__(self, device: torch.device, budget: float):
+    def __init__(self, device: torch.device, budget):
         self.device, self.budget, self.used = device, budget, 0
         self.blocks: list[tuple[int, torch.Tensor]] = []
+        self.parked = 0  # blocks waiting in host memory
 
     @property
     def num_outputs(self) -> int | None:
         return self.blocks[0][1].shape[1] if self.blocks else None
 
     def add(self, start: int, J: torch.Tensor) -> None:
+        if callable(self.budget):
+            self.budget = float(self.budget())
         size = J.numel() * J.element_size()
-        if self.device.type != "cpu" and self.used + size > self.budget:
-            J = J.to("cpu", non_blocking=False).pin_memory()
+        if self.used + size > self.budget:
+            J = J.to("cpu")
+            if self.device.type == "cuda":
+                J = J.pin_memory()
+            self.parked += 1
         else:
             self.used += size
         self.blocks.append((start, J))

@@ -112,3 +112,61 @@ def test_signgd_keeps_int8_signs(tmp_path):
     assert stored.dtype == torch.int8 and set(stored.unique().tolist()) <= {-1, 0, 1}
     S = torch.sign(linft.jacobian(model, a).double())
     assert torch.equal(K.double(), torch.einsum("icp,jdp->icjd", S, S))
+
+
+def test_jacobian_store_parks_blocks_past_its_budget():
+    from linft.gram import JacobianStore
+
+    blocks = [(3 * i, torch.randn(3, 2, 10)) for i in range(5)]
+    asked = []
+
+    def budget():
+        asked.append(1)
+        return 2 * 3 * 2 * 10 * 4  # two blocks of float32
+
+    store = JacobianStore(torch.device("cpu"), budget)
+    for start, J in blocks:
+        store.add(start, J)
+    assert len(asked) == 1, "the budget is worked out once, at the first block"
+    assert store.parked == 3 and store.used == 2 * 3 * 2 * 10 * 4
+    got = list(store)
+    assert [s for s, _ in got] == [s for s, _ in blocks]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, blocks, strict=True))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_kernel_with_every_jacobian_block_in_host_memory(monkeypatch, cross):
+    """jacobian_memory=0 on a GPU: every stored block waits in host memory and is
+    copied back for each tile; the kernel is the same, bit for bit."""
+    from linft import api
+
+    model = roberta_classifier()
+    a = token_batch(random_lengths(7), pad_id=1)
+    b = token_batch(random_lengths(5), pad_id=1) if cross else None
+    expected = linft.ntk(model, a, b, batch_size=2)
+    stores = []
+
+    class RecordedStore(api.JacobianStore):
+        def __init__(self, device, budget):
+            super().__init__(device, budget)
+            stores.append(self)
+
+    monkeypatch.setattr(api, "JacobianStore", RecordedStore)
+    monkeypatch.setattr(api, "_store_budget", lambda device, cap: lambda: float(cap))
+    K = linft.ntk(model, a, b, batch_size=2, jacobian_memory=0)
+    assert stores[0].parked == (3 if cross else 4) and stores[0].used == 0
+    assert torch.equal(K, expected)
+
+
+def test_store_budget_is_three_quarters_of_free_gpu_memory_at_most_the_cap(monkeypatch):
+    from linft.api import _store_budget
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 10 * gib)
+    cuda = torch.device("cuda")
+    assert _store_budget(cuda, None)() == 0.75 * 60 * gib  # cached blocks count as free
+    assert _store_budget(cuda, 8 * gib)() == 8 * gib
+    assert _store_budget(cuda, 0)() == 0
+    assert _store_budget(torch.device("cpu"), 0)() == float("inf")  # J is in host memory

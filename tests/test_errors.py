@@ -108,6 +108,8 @@ def test_inf_jacobian_names_the_sample(model, batch):
         ({"precision": "fp16"}, "unknown precision 'fp16'"),
         ({"backend": "cuda"}, "unknown backend 'cuda'"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"jacobian_memory": -1}, "jacobian_memory must be a number of bytes >= 0"),
+        ({"jacobian_memory": "8GB"}, "jacobian_memory must be a number of bytes >= 0"),
     ],
 )
 def test_unknown_options(model, batch, kwargs, word):
