@@ -4,6 +4,9 @@ Cases (n = --n, k = --k):
 - ``topk``: A = Q diag(i^-1.5) Q^T, n x n float32, Q from a fp64 QR of a Gaussian matrix; top k.
 - ``cond``: a n x n PD kernel with eigenvalues logspace(0, -6) (kappa = 1e6) in float64;
   lambda_min and the condition number.
+- ``product`` (with ``topk``): one product A X, X of k + 10 columns, by each dense product
+  topk_eigh can choose (GEMM, the extension's symmetric op, the Triton symmetric kernel);
+  error: relative Frobenius error against float64.
 - ``matfree``: top k of K = J J^T, J (4n) x (1.53n) (131072 x 50000 at n = 32768), never
   forming K: J = H_1 D H_2 with Householder reflections H and D diagonal with entries
   i^-0.75, so the eigenvalues of K are i^-1.5 exactly.
@@ -166,7 +169,35 @@ def case_topk(args, gen, rows):
             rows.append(("topk", name, t, err, res, ""))
         except (RuntimeError, ValueError) as exc:  # a provider failing is a result
             rows.append(("topk", name, math.nan, math.nan, math.nan, type(exc).__name__))
+    case_product(args, A, rows)
     return A
+
+
+def product_providers(A: torch.Tensor) -> dict:
+    """The dense products topk_eigh chooses from: name -> X -> A @ X."""
+    provs = {"GEMM (torch)": lambda X: A @ X}
+    if _ext.available():
+        provs["symmetric (C++/CUDA extension)"] = lambda X: torch.ops.linft.symm_matmul(A, X, 256)
+    if A.is_cuda:
+        from linft.backends import triton_kernels
+
+        tk = triton_kernels()
+        for prec in ("tf32x3", "ieee", "tf32"):
+            provs[f"symmetric (Triton, {prec})"] = lambda X, p=prec: tk.symm_matmul(
+                A, X, input_precision=p
+            )
+    return provs
+
+
+def case_product(args, A: torch.Tensor, rows) -> None:
+    """One product A @ X with X of k + 10 columns: time, and error against float64."""
+    gen = torch.Generator(device=args.device).manual_seed(2)
+    X = torch.randn(A.shape[0], args.k + 10, device=args.device, generator=gen)
+    exact = A.double() @ X.double()
+    for name, mm in product_providers(A).items():
+        t, Y = timed(lambda mm=mm: mm(X), args.device, 1 if args.quick else args.reps)
+        err = float(torch.linalg.norm(Y.double() - exact) / torch.linalg.norm(exact))
+        rows.append(("product", name, t, err, math.nan, f"X {tuple(X.shape)}"))
 
 
 def case_cond(args, gen, rows):

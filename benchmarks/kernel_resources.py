@@ -39,6 +39,7 @@ triton_kernels()  # installed, or the source checkout's triton_kernels/
 tgram = sys.modules["linft.triton_kernels.gram"]
 tjac = sys.modules["linft.triton_kernels.lora_jacobian"]
 tutils = sys.modules["linft.triton_kernels.utils"]
+tsymm = sys.modules["linft.triton_kernels.symm_matmul"]
 
 SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 H200_SMS = 132
@@ -79,6 +80,8 @@ def recording(calls: list):
         (tgram, "_gram_reduce_kernel", Recorder(tgram._gram_reduce_kernel, calls)),
         (tjac, "check_device", lambda *t: None),
         (tgram, "check_device", lambda *t: None),
+        (tsymm, "_symm_matmul_kernel", Recorder(tsymm._symm_matmul_kernel, calls)),
+        (tsymm, "check_device", lambda *t: None),
         (tutils, "num_sms", lambda index: H200_SMS),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
@@ -197,6 +200,10 @@ def bench_launches(args) -> list[tuple[str, list]]:
             (f"gram tile {tag}", record(tgram.gram_tile, J, J, K)),
             (f"gram asym_signgd {tag}", record(tgram.gram_tile, J, J, K, True, False)),
         ]
+    # the eigensolver's product: a 32768 kernel times a block of k + p = 110 vectors
+    K, V = torch.zeros(1, 1).expand(32768, 32768), torch.zeros(32768, 110)
+    for prec in ("tf32x3", "ieee"):
+        cases.append((f"symm_matmul {prec}", record(tsymm.symm_matmul, K, V, input_precision=prec)))
     signs = torch.zeros(1, P, dtype=torch.int8).expand(rows, P)
     cases.append(
         ("gram signgd int8", record(tgram.gram_symmetric, signs, torch.zeros(rows, rows), True))

@@ -62,8 +62,8 @@ class Eig:
     |Ritz value| seen, a lower bound, so residuals are never understated by it),
     ``iterations`` (restart cycles; 1 for ``"dense"``), ``converged`` (every residual <= tol),
     ``matmuls`` (products with A, one per block of columns), ``method`` and ``backend`` used,
-    and ``product``: how A was multiplied (``"symmetric"``, ``"gemm"``, ``"operator"``, or
-    ``"none"`` when no product was taken).
+    and ``product``: how A was multiplied (``"symmetric"``, ``"triton"``, ``"gemm"``,
+    ``"operator"``, or ``"none"`` when no product was taken).
     """
 
     values: Tensor
@@ -201,31 +201,56 @@ _PROBE_MIN_N = 2048  # below this the products are cheap: one GEMM, no timing
 _PRODUCT_CHOICE: dict[tuple, str] = {}  # (device, dtype, n and m size classes) -> product
 
 
-def _seconds(mm, X: Tensor) -> float:
-    """Wall time of one ``mm(X)`` after a warm-up call (allocations, kernel loading)."""
+_PRODUCT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # a candidate's error vs GEMM
+
+
+def _timed(mm, X: Tensor) -> tuple[float, Tensor]:
+    """(wall time, result) of one ``mm(X)`` after a warm-up call (allocations, compiling)."""
     sync = torch.cuda.synchronize if X.is_cuda else (lambda: None)
     mm(X)
     sync()
     start = time.perf_counter()
-    mm(X)
+    Y = mm(X)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, Y
 
 
 def _faster_product(A: Tensor, X: Tensor, products: dict) -> str:
-    """The faster of the dense products for A's device, dtype and size, timed once on A.
+    """The fastest accurate dense product for A's device, dtype and size, timed once on A.
 
-    The extension's symmetric product reads only half of A, which pays where the product
-    is bound by reading A; where it is bound by arithmetic (fp32 on CUDA cores, or a CPU:
+    The symmetric products (the extension's op; on CUDA also the Triton kernel, on
+    tensor cores) read only half of A, which pays where the product is bound by reading
+    A; where it is bound by arithmetic (fp32 on CUDA cores, or a CPU:
     ``benchmarks/RESULTS.md``) one BLAS GEMM is as fast or faster. Timing settles it per
-    machine; the choice is remembered for matrices of the same size class.
+    machine, and a candidate whose result strays from the GEMM's (relative error over
+    1e-5 in fp32) is never chosen. The choice is remembered for matrices of the same
+    size class.
     """
     if len(products) == 1 or A.shape[0] < _PROBE_MIN_N:
         return "gemm"
     key = (str(A.device), A.dtype, A.shape[0].bit_length(), X.shape[1].bit_length())
     if key not in _PRODUCT_CHOICE:
-        _PRODUCT_CHOICE[key] = min(products, key=lambda name: _seconds(products[name], X))
+        seconds, reference = _timed(products["gemm"], X)
+        times = {"gemm": seconds}
+        scale = float(torch.linalg.norm(reference)) or 1.0
+        for name, mm in products.items():
+            if name != "gemm":
+                seconds, Y = _timed(mm, X)
+                if float(torch.linalg.norm(Y - reference)) <= _PRODUCT_RTOL[A.dtype] * scale:
+                    times[name] = seconds
+        _PRODUCT_CHOICE[key] = min(times, key=times.get)
     return _PRODUCT_CHOICE[key]
+
+
+def _triton_symm_matmul(A: Tensor):
+    """The Triton symmetric product (tensor cores, tf32x3) for a float32 CUDA matrix."""
+    if not (A.is_cuda and A.dtype == torch.float32):
+        return None
+    from .backends import triton_kernels, triton_unavailable_reason
+
+    if triton_unavailable_reason(A.device) is not None:
+        return None
+    return triton_kernels().symm_matmul
 
 
 class _Operator:
@@ -249,6 +274,9 @@ class _Operator:
         if backend == "extension":
             ops = torch.ops.linft
             products["symmetric"] = lambda X: ops.symm_matmul(self.dense, X, _SYMM_TILE)
+        triton_mm = _triton_symm_matmul(self.dense) if product == "auto" else None
+        if triton_mm is not None:
+            products["triton"] = lambda X: triton_mm(self.dense, X)
         if product != "auto":
             self.product, self._mm = product, products[product]
             return
@@ -346,8 +374,9 @@ def topk_eigh(
     ``"dense"``. ``backend``: ``"auto"`` (the C++/CUDA extension when loaded, else pure torch),
     ``"extension"`` (an error if it is not loaded) or ``"torch"``. A dense ``A`` is multiplied
     by the extension's symmetric product (half of A read) under ``"extension"``, by one GEMM
-    under ``"torch"``, and under ``"auto"`` by whichever of the two was faster when timed once
-    on this device for matrices of this size (``Eig.product`` says which). ``oversample``:
+    under ``"torch"``, and under ``"auto"`` by the fastest accurate one of these and, for
+    float32 on CUDA, the Triton symmetric product, timed once on this device for matrices of
+    this size (``Eig.product`` says which). ``oversample``:
     extra block columns ``p`` (default ``max(10, k // 2)``). See the module docstring for the
     algorithms.
     """

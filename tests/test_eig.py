@@ -260,6 +260,27 @@ def test_auto_product_is_the_faster_one_and_remembered(monkeypatch):
     assert eig._faster_product(A.double(), X.double(), {"gemm": lambda X: X}) == "gemm"
 
 
+def test_auto_product_never_picks_a_fast_wrong_one(monkeypatch):
+    from linft import eig
+
+    monkeypatch.setattr(eig, "_PRODUCT_CHOICE", {})
+    A, X = torch.randn(2048, 2048), torch.randn(2048, 9)
+
+    def slow(X):
+        time.sleep(0.02)
+        return A @ X
+
+    def close(X):  # off by 1e-6 relative: accepted
+        return (A @ X) * (1 + 1e-6)
+
+    def wrong(X):  # off by 1e-4 relative: refused however fast
+        return (A @ X) * (1 + 1e-4)
+
+    assert eig._faster_product(A, X, {"gemm": slow, "triton": wrong}) == "gemm"
+    monkeypatch.setattr(eig, "_PRODUCT_CHOICE", {})
+    assert eig._faster_product(A, X, {"gemm": slow, "triton": close}) == "triton"
+
+
 def test_auto_product_end_to_end_matches_eigh():
     n, k = 2048, 6
     lam = spectra("power1.5", n)

@@ -5,7 +5,7 @@ recorders in place of the kernels, so the exact tiles and specializations of the
 RoBERTa-base benchmark are compiled (in a subprocess: the tests' interpreter mode
 makes kernels that cannot be compiled). Every kernel must keep its values in
 registers (no local-memory spills), fit an sm_90 block's shared memory, and multiply
-half and int8 operands with Hopper's warpgroup MMA.
+half, int8 and split-tf32 operands with Hopper's warpgroup MMA.
 """
 
 import json
@@ -32,9 +32,14 @@ def launches(tmp_path_factory):
 
 
 def test_every_launch_of_the_benchmark_is_covered(launches):
-    assert len({case for case, _, _ in launches}) == 13
+    assert len({case for case, _, _ in launches}) == 15
     kernels = {kw["kernel"] for _, kw, _ in launches}
-    assert kernels == {"_token_sum_kernel", "_gram_kernel", "_gram_reduce_kernel"}
+    assert kernels == {
+        "_token_sum_kernel",
+        "_gram_kernel",
+        "_gram_reduce_kernel",
+        "_symm_matmul_kernel",
+    }
 
 
 def test_no_spills_and_shared_memory_within_sm90(launches):
@@ -47,5 +52,5 @@ def test_half_and_int8_products_use_hopper_tensor_cores(launches):
     for case, kw, rep in launches:
         if kw["kernel"] == "_gram_reduce_kernel":
             continue
-        expected = "fma" if "fp32" in case else "wgmma"
+        expected = "fma" if "fp32" in case or "ieee" in case else "wgmma"
         assert rep["mma"] == expected, f"{case}: {kw['kernel']} uses {rep['mma']}"

@@ -502,3 +502,50 @@ def test_gram_with_gpu_default_tiles(tk, gpu_defaults, dtype, stored, signs):
     cfg = gpu_defaults[-1]
     if dtype != torch.float32:  # the 128 tiles, summed over split-K by 64-wide reduce tiles
         assert cfg["BLOCK_M"] == 128 and cfg["SPLIT_K"] > 1 and cfg["REDUCE_BLOCK"] == 64
+
+
+# ----------------------------------------------------------- symmetric product (eigensolver)
+
+
+def symmetric_with_garbage_below(n: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, S): S symmetric; A equals S on and above the diagonal tiles, NaN in tiles below."""
+    S = torch.randn(n, n, dtype=torch.float64)
+    S = S + S.T
+    A = S.clone()
+    for i0 in range(0, n, block):
+        A[i0 + block :, i0 : i0 + block] = float("nan")
+    return A.float(), S
+
+
+@pytest.mark.parametrize("n,m", [(37, 5), (50, 20), (16, 1), (70, 33)])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_symm_matmul_reads_only_tiles_on_or_above_the_diagonal(tk, n, m, precision):
+    A, S = symmetric_with_garbage_below(n, 16)  # the interpreter's tile: 16
+    X = torch.randn(m, n).T  # a strided X [n, m]
+    Y = tk.symm_matmul(A.to(DEVICE), X.to(DEVICE), input_precision=precision)
+    expected = S @ X.double()
+    assert Y.dtype == torch.float32 and not torch.isnan(Y).any()
+    assert_close_to_max(Y, expected, 1e-5, f"symm_matmul {precision}")
+
+
+@pytest.mark.parametrize("block,block_n", [(32, 16), (16, 64)])
+def test_symm_matmul_other_tiles(tk, block, block_n):
+    A, S = symmetric_with_garbage_below(75, block)
+    X = torch.randn(75, 40)
+    cfg = {"BLOCK": block, "BLOCK_N": block_n}
+    Y = tk.symm_matmul(A.to(DEVICE), X.to(DEVICE), input_precision="ieee", config=cfg)
+    assert_close_to_max(Y, S @ X.double(), 1e-5, "symm_matmul tiles")
+
+
+def test_symm_matmul_bad_input(tk):
+    with pytest.raises(ValueError, match="square"):
+        tk.symm_matmul(torch.zeros(3, 4, device=DEVICE), torch.zeros(3, 2, device=DEVICE))
+    with pytest.raises(ValueError, match=r"X must be \[n, m\]"):
+        tk.symm_matmul(torch.zeros(3, 3, device=DEVICE), torch.zeros(4, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="float32"):
+        tk.symm_matmul(
+            torch.zeros(3, 3, dtype=torch.float64, device=DEVICE),
+            torch.zeros(3, 2, dtype=torch.float64, device=DEVICE),
+        )
+    empty = tk.symm_matmul(torch.zeros(0, 0, device=DEVICE), torch.zeros(0, 3, device=DEVICE))
+    assert empty.shape == (0, 3)
