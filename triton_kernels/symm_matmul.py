@@ -87,12 +87,14 @@ def _symm_matmul_kernel(
 
 def symm_matmul_config(m: int, precision: str) -> dict:
     """Tiles of A 64 x 64; the column step is what keeps the split operands of tf32x3 in
-    registers on sm_90 (``benchmarks/kernel_resources.py``: 16 columns and 4 warps for
-    tf32x3, 227 registers; 32 columns and 8 warps otherwise, about 145; no spills)."""
+    registers on sm_90 (``benchmarks/kernel_resources.py``, Triton 3.6 and 3.9: 16 columns
+    on 4 warps for tf32x3, 16 on 8 warps for ieee, 32 on 8 for tf32; no spills)."""
     if interpreting():
         return {"BLOCK": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if precision == "tf32x3":
         return {"BLOCK": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if precision == "ieee":
+        return {"BLOCK": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
     return {"BLOCK": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
 
 
