@@ -199,8 +199,6 @@ def rayleigh_ritz(
 _SYMM_TILE = 256  # CPU tile of the extension's symmetric product (the CUDA kernel's is fixed)
 _PROBE_MIN_N = 2048  # below this the products are cheap: one GEMM, no timing
 _PRODUCT_CHOICE: dict[tuple, str] = {}  # (device, dtype, n and m size classes) -> product
-
-
 _PRODUCT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # a candidate's error vs GEMM
 
 

@@ -111,11 +111,10 @@ def symm_matmul(
     (exact fp32 products on FMAs) or ``"tf32"`` (fastest, about 1e-3 relative error).
     Returns a new float32 tensor [n, m].
     """
-    if A.dim() != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"symm_matmul: A must be a square matrix [n, n], got {tuple(A.shape)}")
-    if X.dim() != 2 or X.shape[0] != A.shape[0]:
-        raise ValueError(f"symm_matmul: X must be [n, m] with n = {A.shape[0]}, got {X.shape}")
-    if A.dtype != torch.float32 or X.dtype != torch.float32:
+    from linft.eig import _check_matmul_inputs  # the twin's shape and dtype checks
+
+    _check_matmul_inputs(A, X, 1)
+    if A.dtype != torch.float32:
         raise TypeError(
             f"symm_matmul (Triton): A and X must be float32, got {A.dtype} and {X.dtype}; "
             "float64 goes to linft.eig.symm_matmul"
