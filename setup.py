@@ -73,7 +73,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "pybind11", "ninja", "scipy"],
+        "test": ["pytest", "pybind11", "ninja", "scipy", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["linft=linft.cli:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

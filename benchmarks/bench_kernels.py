@@ -1,7 +1,7 @@
 """How fast are the Triton kernels against their pure-torch twins?
 
-Times every op of ``linft.triton_kernels`` next to its reference in ``linft.jacobian`` /
-``linft.gram`` (same inputs, same device), with ``triton.testing.do_bench`` (median
+Times every op of ``linft.triton_kernels`` next to its reference in ``linft.ops.jacobian`` /
+``linft.ops.gram`` (same inputs, same device), with ``triton.testing.do_bench`` (median
 after warm-up) on a GPU, and reports time, achieved GB/s and TFLOP/s from the
 byte and flop counts written out below, the peak memory of one call, and the max
 error against a float64 evaluation (``err``: max error relative to the largest
@@ -73,8 +73,8 @@ def load_kernels() -> None:
         tk = importlib.import_module("linft.triton_kernels")
     except ImportError:
         tk = importlib.import_module("triton_kernels")
-    ref_jac = importlib.import_module("linft.jacobian")
-    ref_gram = importlib.import_module("linft.gram")
+    ref_jac = importlib.import_module("linft.ops.jacobian")
+    ref_gram = importlib.import_module("linft.ops.gram")
 
 
 def timed(fn) -> float:

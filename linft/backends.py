@@ -1,7 +1,7 @@
 """Backends (who computes the Jacobian and Gram ops) and precisions.
 
-``backend="torch"`` uses the pure-torch ops of ``linft.jacobian`` and
-``linft.gram`` on any device; ``"triton"`` the fused kernels of
+``backend="torch"`` uses the pure-torch ops of ``linft.ops`` on any device;
+``"triton"`` the fused kernels of
 ``linft.triton_kernels`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
 ``"auto"`` picks Triton for CUDA tensors when it is installed. Asking for a
 backend that cannot run is an error, never a silent fallback.
@@ -21,8 +21,7 @@ from types import ModuleType
 
 import torch
 
-from .gram import gram_symmetric, gram_tile
-from .jacobian import linear_jacobian, lora_jacobian
+from .ops import gram_symmetric, gram_tile, linear_jacobian, lora_jacobian
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 BACKENDS = ("auto", "triton", "torch")

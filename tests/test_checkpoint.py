@@ -67,7 +67,7 @@ def test_checkpoint_of_another_computation_is_refused(tmp_path):
 
 def test_out_of_memory_block_is_split_and_retried(monkeypatch):
     """A block that runs out of GPU memory is halved until it fits; K is unchanged."""
-    from linft.blocks import JacobianEngine
+    from linft.kernel.engine import JacobianEngine
 
     model = roberta_classifier()
     a = token_batch(random_lengths(7), pad_id=1)
@@ -91,7 +91,7 @@ def test_out_of_memory_block_is_split_and_retried(monkeypatch):
 
 
 def test_automatic_block_size_follows_free_gpu_memory(monkeypatch):
-    from linft.api import _block_size
+    from linft.kernel.run import block_size as _block_size
 
     gib = 2**30
     cuda = torch.device("cuda")
@@ -115,7 +115,7 @@ def test_signgd_keeps_int8_signs(tmp_path):
 
 
 def test_jacobian_store_parks_blocks_past_its_budget():
-    from linft.gram import JacobianStore
+    from linft.kernel.store import JacobianStore
 
     blocks = [(3 * i, torch.randn(3, 2, 10)) for i in range(5)]
     asked = []
@@ -138,7 +138,7 @@ def test_jacobian_store_parks_blocks_past_its_budget():
 def test_kernel_with_every_jacobian_block_in_host_memory(monkeypatch, cross):
     """jacobian_memory=0 on a GPU: every stored block waits in host memory and is
     copied back for each tile; the kernel is the same, bit for bit."""
-    from linft import api
+    from linft.kernel import run as api
 
     model = roberta_classifier()
     a = token_batch(random_lengths(7), pad_id=1)
@@ -152,14 +152,14 @@ def test_kernel_with_every_jacobian_block_in_host_memory(monkeypatch, cross):
             stores.append(self)
 
     monkeypatch.setattr(api, "JacobianStore", RecordedStore)
-    monkeypatch.setattr(api, "_store_budget", lambda device, cap: lambda: float(cap))
+    monkeypatch.setattr(api, "store_budget", lambda device, cap: lambda: float(cap))
     K = linft.ntk(model, a, b, batch_size=2, jacobian_memory=0)
     assert stores[0].parked == (3 if cross else 4) and stores[0].used == 0
     assert torch.equal(K, expected)
 
 
 def test_store_budget_is_three_quarters_of_free_gpu_memory_at_most_the_cap(monkeypatch):
-    from linft.api import _store_budget
+    from linft.kernel.store import store_budget as _store_budget
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * gib, 141 * gib))

@@ -130,7 +130,7 @@ def test_gpt2_conv1d_full_weights_and_biases():
     patterns = ["*h.0.mlp.c_fc.weight", "*h.0.mlp.c_fc.bias", "*h.1.attn.c_attn.base_layer.weight"]
     names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
     assert len(names) == 3
-    from linft.capture import LinearUnit, build_plan
+    from linft.kernel.capture import LinearUnit, build_plan
     from linft.params import column_offsets, select_params
 
     selected = select_params(model, patterns)

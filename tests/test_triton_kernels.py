@@ -23,9 +23,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="Triton is not installed: the Triton kernels cannot run")
 
-# by module path: ``linft.jacobian`` as an attribute is also the public function's name
-ref_gram = importlib.import_module("linft.gram")
-ref_jac = importlib.import_module("linft.jacobian")
+# the pure-torch twins (oracles) of the Triton ops
+ref_gram = importlib.import_module("linft.ops.gram")
+ref_jac = importlib.import_module("linft.ops.jacobian")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

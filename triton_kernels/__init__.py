@@ -3,9 +3,9 @@
 One op per module, each with a pure-torch twin of the same signature in ``linft``:
 
 - ``lora_jacobian`` / ``linear_jacobian``: per-sample Jacobian rows of LoRA and linear
-  modules written into the block's ``[n, C, P]`` buffer (twin: ``linft.jacobian``);
+  modules written into the block's ``[n, C, P]`` buffer (twin: ``linft.ops.jacobian``);
 - ``gram_tile`` / ``gram_symmetric``: Gram tiles with fp32 accumulation, sign on load
-  and int8 SignGD (twin: ``linft.gram``);
+  and int8 SignGD (twin: ``linft.ops.gram``);
 - ``symm_matmul``: ``A @ X`` for symmetric A reading half of it, the eigensolver's
   product on tensor cores (twin: ``linft.eig.symm_matmul``).
 

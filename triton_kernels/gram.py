@@ -7,7 +7,7 @@ multiplied on tensor cores and accumulated and written in fp32 (torch's bf16
 matmul rounds its output to bf16). SignGD tiles multiply int8 signs with int32
 accumulation: exact, and twice the bf16 tensor-core rate. The symmetric op
 computes only tiles with ``I <= J`` and writes each with its mirror from the same
-registers, so ``out`` is exactly symmetric. Twins and oracles: ``linft.gram``.
+registers, so ``out`` is exactly symmetric. Twins and oracles: ``linft.ops.gram``.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def gram_tile(
     """
     _check(a, b, out, sign_a, sign_b)
     if torch.float64 in (a.dtype, b.dtype, out.dtype):
-        from linft.gram import gram_tile as reference
+        from linft.ops.gram import gram_tile as reference
 
         reference(a, b, out, sign_a, sign_b)
         return
@@ -279,7 +279,7 @@ def gram_symmetric(
     """
     _check(a, a, out, sign, sign)
     if torch.float64 in (a.dtype, out.dtype):
-        from linft.gram import gram_symmetric as reference
+        from linft.ops.gram import gram_symmetric as reference
 
         reference(a, out, sign)
         return

@@ -12,7 +12,7 @@ All four are one token-sum ``out[m, n] = scale * sum_t L[t, m] R[t, n]`` whose f
 are either read (``g`` or ``x``) or formed in registers as a rank-r product (``g B``
 or ``x A^T``), so ``A x`` and ``g B`` never reach global memory. Results go straight
 into their columns of the block's Jacobian buffer ``out [n, C, P]``. Twins and
-oracles: ``linft.jacobian.lora_jacobian`` / ``linear_jacobian`` (same signatures).
+oracles: ``linft.ops.jacobian.lora_jacobian`` / ``linear_jacobian`` (same signatures).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def lora_jacobian(
     _check_col(out, col_A, r * d_in, "A")
     _check_col(out, col_B, d_out * r, "B")
     if torch.float64 in (x.dtype, out.dtype):
-        from linft.jacobian import lora_jacobian as reference
+        from linft.ops.jacobian import lora_jacobian as reference
 
         reference(x, g, A, B, scaling, mask, out, col_A, col_B, sign)
         return
@@ -361,7 +361,7 @@ def linear_jacobian(
     _check_col(out, col_W, d_in * d_out, "W")
     _check_col(out, col_b, d_out, "b")
     if torch.float64 in (x.dtype, out.dtype):
-        from linft.jacobian import linear_jacobian as reference
+        from linft.ops.jacobian import linear_jacobian as reference
 
         reference(x, g, mask, out, col_W, col_b, transposed, sign)
         return

@@ -41,7 +41,7 @@ def check_device(*tensors: torch.Tensor) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "Triton kernels need a GPU tensor (or TRITON_INTERPRET=1 for the CPU interpreter); "
-            "use the pure-torch functions in linft.jacobian / linft.gram on CPU"
+            "use the pure-torch functions in linft.ops on CPU"
         )
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .backends import Ops
+from ..backends import Ops
 from .batches import Batch, batch_size, slice_batch, to_device
 from .capture import Capture, LoraUnit, Plan, unit_tensors, warn_unused
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .params import lora_layer_class
+from ..params import lora_layer_class
 
 
 def _conv1d_class() -> type | None:

@@ -3,48 +3,18 @@
 ``K[(i,a),(j,b)] = <J_ia, J_jb>`` (SGD), ``<sign J_ia, sign J_jb>`` (SignGD),
 ``<sign J_ia, J_jb>`` (asymmetric SignGD), Malladi et al. 2023. Tiles are
 accumulated in float32 (float64 for float64 inputs) whatever the storage
-precision of J. The two tile ops below are the oracle of the Triton kernels in
-``linft.triton_kernels.gram``, which share their signatures.
+precision of J, by the tile ops of the chosen backend (``linft.ops.gram`` or
+``linft.triton_kernels.gram``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-
-def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    if t.dtype == torch.int8:  # signs: sums of +-1 are exact in float32 below 2^24 terms
-        return torch.float32 if t.shape[-1] < 2**24 else torch.float64
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _load(t: torch.Tensor, sign: bool) -> torch.Tensor:
-    t = t.to(_accumulation_dtype(t))
-    return torch.sign(t) if sign else t
-
-
-def gram_tile(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    out: torch.Tensor,
-    sign_a: bool = False,
-    sign_b: bool = False,
-) -> None:
-    """``out = op(a) @ op(b)^T``, op = sign or identity; a: [m, P], b: [k, P], out: [m, k].
-
-    ``a`` and ``b`` may be strided row views (last stride 1); ``out`` may be a view into K.
-    """
-    out.copy_(_load(a, sign_a) @ _load(b, sign_b).t())
-
-
-def gram_symmetric(a: torch.Tensor, out: torch.Tensor, sign: bool = False) -> None:
-    """``out = op(a) @ op(a)^T`` made exactly symmetric; a: [m, P], out: [m, m]."""
-    a = _load(a, sign)
-    tile = a @ a.t()
-    # A GEMM's two triangles may round differently; mirror the upper one.
-    upper = torch.triu(tile)
-    out.copy_(upper + torch.triu(tile, diagonal=1).t())
-
+if TYPE_CHECKING:
+    from .store import JacobianStore
 
 KERNELS = ("sgd", "signgd", "asym_signgd")
 OUTPUTS = ("full", "trace")
@@ -55,39 +25,6 @@ def kernel_signs(kernel: str) -> tuple[bool, bool]:
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
     return {"sgd": (False, False), "signgd": (True, True), "asym_signgd": (True, False)}[kernel]
-
-
-class JacobianStore:
-    """J blocks kept for later tiles: on the compute device while they fit in
-    ``budget`` bytes, in host memory (pinned, for fast copies back) after that, so
-    that device memory stays bounded by the budget plus one block plus K.
-    ``budget``: bytes, or a function that gives them when the first block arrives."""
-
-    def __init__(self, device: torch.device, budget):
-        self.device, self.budget, self.used = device, budget, 0
-        self.blocks: list[tuple[int, torch.Tensor]] = []
-        self.parked = 0  # blocks waiting in host memory
-
-    @property
-    def num_outputs(self) -> int | None:
-        return self.blocks[0][1].shape[1] if self.blocks else None
-
-    def add(self, start: int, J: torch.Tensor) -> None:
-        if callable(self.budget):
-            self.budget = float(self.budget())
-        size = J.numel() * J.element_size()
-        if self.used + size > self.budget:
-            J = J.to("cpu")
-            if self.device.type == "cuda":
-                J = J.pin_memory()
-            self.parked += 1
-        else:
-            self.used += size
-        self.blocks.append((start, J))
-
-    def __iter__(self):
-        for start, J in self.blocks:
-            yield start, J.to(self.device, non_blocking=True)
 
 
 def _rows(J: torch.Tensor, span: slice, c: int | None) -> torch.Tensor:

@@ -1,0 +1,4 @@
+"""The kernel run, one stage per module (``run.py`` wires them):
+
+batches -> capture -> engine (J blocks) -> store -> gram (tiles -> K) -> checkpoint.
+"""
