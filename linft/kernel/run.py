@@ -1,9 +1,11 @@
 """The kernel run: wires the stages of ``linft.kernel`` together, data flowing one way.
 
-batches -> params -> capture -> engine (J blocks) -> store -> gram (tiles -> K) -> checkpoint.
+batches -> validate -> params -> layouts -> capture -> engine (J blocks) -> verify
+-> signs -> store -> gram (tiles -> K) -> checkpoint.
 
 ``Job`` holds what every entry point needs (device, dtypes, ops, selected
-parameters, capture plan, block size); ``kernels`` and ``jacobian`` run it.
+parameters, capture plan, block size); ``prepare`` builds it and the checked
+batches, ``kernels`` and ``jacobian`` run it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from ..backends import compute_dtype, kernel_dtype, matmul_precision, resolve_ops
 from ..outputs import default_output
 from ..params import ParamSpec, column_offsets, group_columns, parameter_dtype, select_params
+from . import layouts, validate, verify
 from .batches import Batch, blocks, check_same_keys, split
 from .capture import build_plan
 from .checkpoint import Checkpoint, fingerprint
@@ -85,6 +88,7 @@ class Job:
     block_size: int
     precision: str
     output: Callable
+    backend: str = "auto"  # as asked: "auto" may move off a fast path that fails its check
 
     @classmethod
     def create(cls, model, *, params, output, precision, backend, batch_size, device) -> Job:
@@ -92,6 +96,7 @@ class Job:
         dtype = compute_dtype(precision, parameter_dtype(model))
         ops = resolve_ops(backend, dev)
         selected = select_params(model, params)
+        validate.check_model(model, selected)
         offsets, num_columns = column_offsets(selected)
         plan = build_plan(model, selected, offsets)
         size = block_size(batch_size, dev, num_columns, dtype)
@@ -103,6 +108,36 @@ class Job:
         return JacobianEngine(
             self.model, self.output, self.selected, self.plan, self.ops, self.dtype, self.device
         )
+
+
+def prepare(
+    model: nn.Module,
+    inputs: Inputs,
+    inputs2: Inputs | None,
+    *,
+    params,
+    output,
+    precision,
+    backend,
+    batch_size,
+    device,
+) -> tuple[Job, list[Batch], int, list[Batch] | None, int]:
+    """The job and the checked batches: ``(job, batches, N, batches2, M)`` (M = N without
+    ``inputs2``). The layout of every hooked module is learned from the first batch."""
+    job = Job.create(
+        model, params=params, output=output, precision=precision, backend=backend,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
+    job.backend = backend
+    batches, n_rows = split(inputs, "inputs")
+    validate.check_batches(model, batches, "inputs")
+    batches2, n_cols = None, n_rows
+    if inputs2 is not None:
+        batches2, n_cols = split(inputs2, "inputs2")
+        validate.check_batches(model, batches2, "inputs2")
+        check_same_keys(batches, batches2)
+    job.plan = layouts.probe(job, batches[0])
+    return job, batches, n_rows, batches2, n_cols
 
 
 def _open_checkpoint(directory, job: Job, settings: dict, batches: list) -> Checkpoint:
@@ -136,16 +171,11 @@ def kernels(
     kernel_signs(kernel)  # validate before any work
     if outputs not in OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
-    job = Job.create(
-        model, params=params, output=output, precision=precision, backend=backend,
-        batch_size=batch_size, device=device,
+    job, batches, n_rows, batches2, n_cols = prepare(
+        model, inputs, inputs2, params=params, output=output, precision=precision,
+        backend=backend, batch_size=batch_size, device=device,
     )  # fmt: skip
     kdtype = kernel_dtype(parameter_dtype(model))
-    batches, n_rows = split(inputs, "inputs")
-    batches2, n_cols = (None, n_rows)
-    if inputs2 is not None:
-        batches2, n_cols = split(inputs2, "inputs2")
-        check_same_keys(batches, batches2)
     num_columns = job.plan.num_columns
     spans = (
         {"all": [slice(0, num_columns)]} if groups is None else group_columns(job.selected, groups)
@@ -171,10 +201,11 @@ def kernels(
 
         def stream(side: str, parts, keep: bool):
             if ckpt is None:
-                return _as_signs(iterate_blocks(engine, blocks(parts, size), bar), kernel)
-            load = (lambda s: ckpt.load(side, s)) if keep else None
-            found = iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
-            return _as_signs(found, kernel)
+                found = iterate_blocks(engine, blocks(parts, size), bar)
+            else:
+                load = (lambda s: ckpt.load(side, s)) if keep else None
+                found = iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
+            return _as_signs(verify.checked(found, engine, job), kernel)
 
         rows = stream("rows", batches, keep=inputs2 is None)
         cols = None if batches2 is None else stream("cols", batches2, keep=True)
@@ -202,11 +233,11 @@ def jacobian(
     device,
 ) -> torch.Tensor:
     """The per-sample Jacobian ``[N, C, P]`` of every input, in input order."""
-    job = Job.create(
-        model, params=params, output=output, precision=precision, backend=backend,
-        batch_size=batch_size, device=device,
+    job, batches, _, _, _ = prepare(
+        model, inputs, None, params=params, output=output, precision=precision,
+        backend=backend, batch_size=batch_size, device=device,
     )  # fmt: skip
-    batches, _ = split(inputs, "inputs")
     with evaluation_mode(model), matmul_precision(precision):
-        found = iterate_blocks(job.engine(), blocks(batches, job.block_size))
+        engine = job.engine()
+        found = verify.checked(iterate_blocks(engine, blocks(batches, job.block_size)), engine, job)
         return torch.cat([J for _, J, _ in found], dim=0)
