@@ -58,7 +58,7 @@ setup(
     description="Fast empirical neural tangent kernels of LoRA fine-tuned language models",
     packages=find_packages(include=["linft", "linft.*"]) + ["linft.triton_kernels"],
     package_dir={"linft.triton_kernels": "triton_kernels"},
-    package_data={"linft": ["data/*.tsv"]},
+    package_data={"linft": ["data/*.tsv", "data/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -5,6 +5,8 @@ query and value, sequence length 128, 2 labels, N = 256 ... 16384. Providers:
 
 - ``linft-torch-{fp32,bf16}``: linft.ntk, pure-torch backend;
 - ``linft-triton-{fp32,bf16}``: linft.ntk, Triton backend (when Triton runs here);
+  a ``-lowmem`` suffix keeps J blocks in host memory, ``-noverify`` skips the self-check
+  (the difference is its cost);
 - ``torch.func``: ``vmap(jacrev(f))`` then ``J J^T`` as in the PyTorch NTK tutorial,
   on unpadded inputs without a mask (HF's mask builder breaks vmap);
 - ``loop``: one backward per sample and output (timed on a prefix, reported per sample);
@@ -178,7 +180,7 @@ def main():
     p.add_argument(
         "--providers",
         default="floor-fp32,floor-bf16,linft-torch-fp32,linft-torch-bf16,linft-triton-fp32,"
-        "linft-triton-bf16,linft-triton-bf16-lowmem,torch.func,loop",
+        "linft-triton-bf16,linft-triton-bf16-lowmem,linft-triton-bf16-noverify,torch.func,loop",
     )
     p.add_argument("--func-max-n", type=int, default=16384, help="largest N for torch.func")
     p.add_argument("--loop-samples", type=int, default=64)
@@ -245,6 +247,8 @@ def main():
                 kw.update(batch_size=args.block, out_device=args.out_device)
                 if "lowmem" in flags:  # J blocks in host memory: GPU holds one block + K
                     kw["jacobian_memory"] = 0
+                if "noverify" in flags:  # without the self-check: its cost, by difference
+                    kw["verify"] = False
                 try:
                     linft.ntk(model, inputs(8, args, device), **kw)  # warm-up
                 except RuntimeError as err:  # backend not available here

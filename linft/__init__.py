@@ -10,13 +10,18 @@ from . import outputs, params
 from .api import jacobian, layer_ntks, ntk
 from .dynamics import kernel_regression, linearized_loss, min_lora_rank, steps_to_loss
 from .eig import Eig, topk_eigh
+from .kernel.verify import SelfCheckError
 from .select import Selection, select_layers
+from .sharded import JacobianShard, KernelShard
 from .spectrum import Spectrum, spectrum
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Eig",
+    "JacobianShard",
+    "KernelShard",
+    "SelfCheckError",
     "Selection",
     "Spectrum",
     "jacobian",

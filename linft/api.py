@@ -35,6 +35,9 @@ def ntk(
     progress: bool | None = None,
     checkpoint: str | None = None,
     jacobian_memory: float | None = None,
+    verify: bool = True,
+    group=None,
+    out: str = "full",
 ) -> torch.Tensor:
     """The empirical NTK ``K(X, X)`` (or the cross kernel ``K(X, X2)``).
 
@@ -44,16 +47,40 @@ def ntk(
     ``[N, M]``; with C = 1 both give ``[N, M]``. float32 (float64 for a float64
     model); the symmetric kernel is exactly symmetric. See api.md for the rest.
 
-    ``checkpoint``: a directory; K is kept there in a memory-mapped file with
-    the finished Jacobian blocks, and a run that was stopped resumes from it
-    (same model, inputs and settings; the returned K then lives in that file).
+    ``out_device``: where the returned K lives (None: the model's device).
+    ``checkpoint``: a directory; K is kept there in a preallocated memory-mapped file
+    with the finished Jacobian blocks, and a run that was stopped resumes from it. It
+    resumes only the same computation (output function, model class, config, LoRA
+    scaling and variant, weights, dtypes, inputs, settings, linft version; anything
+    else is refused, naming what changed); every finished block is checksummed, so a
+    kernel or Jacobian file cut short, deleted or damaged is an error naming it. The
+    returned K is a copy on ``out_device``; ``out_device="checkpoint"`` returns the
+    memory-mapped file itself (for kernels larger than memory; editing it edits the
+    checkpoint). A disk without room for K raises ``OSError`` before any tile.
     ``progress``: a progress bar (None: only on a terminal).
     ``jacobian_memory``: GPU bytes for the Jacobian blocks kept for later tiles (None:
     three quarters of what is free once K is allocated). Blocks past it wait in host
     memory and are copied back for each later tile: slower, but with 0 the GPU holds
     only one block plus K, whatever N. (On the CPU, J is in host memory anyway.)
+    ``verify``: the self-check (``linft.kernel.verify``): on the first block, the Jacobian
+    rows of one or two samples against plain per-sample autograd of the same model, and
+    one Gram tile against the pure-torch ops; a mismatch raises ``SelfCheckError`` naming
+    the module (``backend="auto"`` on Triton: a warning, and the run goes on in pure torch).
+    Sign kernels count entries at most ``tau`` times their row's largest magnitude as zero
+    (rounding noise where the exact entry is 0; ``tau`` = 2^-17 in fp32, 2^-46 in fp64,
+    2^-10 in bf16 and tf32: ``linft.kernel.signs``).
+
+    Several processes (``torchrun``): ``group`` is a ``torch.distributed`` process group
+    whose ranks share the run (None: the default group when ``torch.distributed`` is
+    initialized with more than one process; False: this process alone). Every rank
+    passes the same model and inputs; each computes the Jacobian blocks of its share of
+    the samples and its share of the tiles (``linft.kernel.distributed``). ``out="full"``:
+    K on rank 0, None on the other ranks; ``out="shard"``: every rank gets its rows as a
+    ``linft.KernelShard``, an operator ``topk_eigh`` and ``spectrum`` accept (K is never
+    in one place). With ``checkpoint=DIR`` (a directory every rank sees) each rank
+    resumes its own share.
     """
-    return run.kernels(
+    K = run.kernels(
         model,
         inputs,
         inputs2,
@@ -70,7 +97,11 @@ def ntk(
         checkpoint=checkpoint,
         jacobian_memory=jacobian_memory,
         groups=None,
-    )["all"]
+        verify=verify,
+        group=group,
+        out=out,
+    )
+    return None if K is None else K["all"]
 
 
 def layer_ntks(
@@ -85,6 +116,7 @@ def layer_ntks(
 
     ``groups``: ``"module"`` (one per adapted module), ``"layer"`` (per transformer
     block) or a callable ``name -> group``. ``K = sum_l K_l`` (Afzal et al. 2025).
+    ``group`` and ``out`` as for ``ntk`` (None on ranks other than 0 for ``out="full"``).
     """
     defaults = dict(
         output=None,
@@ -99,6 +131,9 @@ def layer_ntks(
         progress=None,
         checkpoint=None,
         jacobian_memory=None,
+        verify=True,
+        group=None,
+        out="full",
     )
     unknown = set(ntk_kwargs) - set(defaults)
     if unknown:
@@ -116,13 +151,20 @@ def jacobian(
     batch_size: int | None = None,
     backend: str = "auto",
     device=None,
+    verify: bool = True,
+    group=None,
+    out: str = "full",
 ) -> torch.Tensor:
     """The per-sample Jacobian ``d f_a(x_i) / d theta`` as ``[N, C, P]``.
 
     Columns follow ``model.named_parameters()`` order, each parameter flattened
     row-major. dtype: the computation's (bfloat16 for ``precision="bf16"``).
+    ``group`` as for ``ntk``: ``out="full"`` gives J on rank 0 (None elsewhere),
+    ``out="shard"`` each rank's rows as a ``linft.JacobianShard``, whose ``.kernel()`` is
+    the matrix-free ``K X = J (J^T X)`` for ``topk_eigh`` and ``spectrum``.
     """
     return run.jacobian(
         model, inputs, output=output, params=params, precision=precision,
-        batch_size=batch_size, backend=backend, device=device,
+        batch_size=batch_size, backend=backend, device=device, verify=verify,
+        group=group, out=out,
     )  # fmt: skip

@@ -8,7 +8,8 @@ gradient descent on ``1/(2N) sum_i ||f(x_i) - y_i||^2 + (lambda/2) ||theta - the
     r_{t+1} = [(1 - lr*lambda) I - (lr/N) K] r_t + lr*lambda*r_0,    K = J J^T.
 
 Kernel regression (Malladi et al., ICML 2023) is its long-time limit. Everything
-here runs in float64 on small dense kernels; inputs may be float32.
+here runs in float64 on small dense kernels; inputs may be float32, and are judged
+singular at the precision they came in (:func:`linft.spectrum.precision_floor`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .spectrum import precision_floor
+
 __all__ = ["kernel_regression", "linearized_loss", "min_lora_rank", "steps_to_loss"]
 
 # Kernels from linft are exactly symmetric; a caller's float32 kernel assembled in
@@ -27,7 +30,6 @@ __all__ = ["kernel_regression", "linearized_loss", "min_lora_rank", "steps_to_lo
 _SYMMETRY_RTOL = 1e-6
 # Largest number of (step, mode) products evaluated at once when tabulating a curve.
 _CHUNK_ELEMENTS = 1 << 22
-_EPS64 = torch.finfo(torch.float64).eps
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -145,6 +147,7 @@ def _warn_if_unstable(lr: float, ridge: float, mu_max: float, n: int) -> None:
 
 def _modes(K: Tensor, residual0: Tensor, lr: float, ridge: float) -> _Modes | None:
     """Eigen-solution of the dynamics; None when K is not symmetric."""
+    precision = torch.as_tensor(K).dtype
     K, outputs = _kernel_matrix(K)
     r0, _ = _targets(residual0, K.shape[0], outputs, "residual0")
     Ks = _symmetrized(K)
@@ -152,6 +155,11 @@ def _modes(K: Tensor, residual0: Tensor, lr: float, ridge: float) -> _Modes | No
         return None
     n = r0.shape[0]
     mu, V = torch.linalg.eigh(Ks)
+    # An eigenvalue within the error K carries at its precision is not told apart from 0
+    # (Weyl): its mode stays put instead of moving at a rate made of rounding (growing, for
+    # a negative one, when ridge = 0).
+    floor, _ = precision_floor(Ks, precision)
+    mu = torch.where(mu.abs() <= floor, 0.0, mu)
     _warn_if_unstable(lr, ridge, float(mu[-1]), n)
     c = V.T @ r0.reshape(-1)
     rate = ridge + mu / n
@@ -201,7 +209,10 @@ def linearized_loss(
     Returns:
         float64 ``[steps + 1]``: the data loss ``1/(2N) sum r_t^2`` (without the
         regularizer term) after 0, 1, ..., ``steps`` steps. A non-symmetric K
-        (asymmetric SignGD) is handled by running the recursion itself.
+        (asymmetric SignGD) is handled by running the recursion itself. Eigenvalues
+        ``|mu_i| <= (8 u + n eps64) || |K| ||_2`` (the error K carries at its dtype's unit
+        roundoff u; :mod:`linft.spectrum`) count as 0: K's precision does not tell
+        them from 0.
     """
     lr, ridge = _check_lr(lr), _check_ridge(ridge)
     if int(steps) != steps or steps < 0:
@@ -251,46 +262,61 @@ def steps_to_loss(
 # -------------------------------------------------------------------- kernel regression
 
 
-def _solve(A: Tensor, B: Tensor, ridge: float) -> Tensor:
-    """``A^-1 B`` for ``A = K + ridge I``: Cholesky when symmetric, LU otherwise."""
+def _solve(A: Tensor, B: Tensor, ridge: float, K: Tensor, precision: torch.dtype) -> Tensor:
+    """``A^-1 B`` for ``A = K + ridge I``: Cholesky when symmetric, LU otherwise.
+
+    A is singular at K's precision when an eigenvalue (a singular value, for a non-symmetric
+    K) of A lies within the error K carries, ``(8 u + n eps64) || |K| ||_2`` with ``u`` the
+    unit roundoff of ``precision`` (Weyl; :mod:`linft.spectrum`): that raises.
+    """
     sym = _symmetrized(A)
+    floor, _ = precision_floor(K, precision, symmetric=sym is not None)
     if sym is not None:
-        L, info = torch.linalg.cholesky_ex(sym)
-        # A singular PSD matrix often passes Cholesky in floating point with a tiny
-        # pivot; (max/min pivot)^2 is a lower bound on its condition number.
-        pivots = L.diagonal().abs()
-        if int(info) == 0 and _pivot_condition(pivots) < 1.0 / (A.shape[0] * _EPS64):
-            return torch.cholesky_solve(B, L)
+        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        # Cholesky of A - floor I succeeding certifies lambda_min(A) > floor.
+        if int(torch.linalg.cholesky_ex(sym - floor * eye)[1]) == 0:
+            L, info = torch.linalg.cholesky_ex(sym)
+            if int(info) == 0:
+                return torch.cholesky_solve(B, L)
         # Cholesky also fails on an indefinite but invertible matrix: LU handles that.
-        ev = torch.linalg.eigvalsh(sym).abs()
-        if float(ev.min()) <= A.shape[0] * _EPS64 * float(ev.max()):
-            _raise_singular(sym, ridge, symmetric=True)
+        ev = torch.linalg.eigvalsh(sym)
+        if float(ev.abs().min()) <= floor:
+            _raise_singular(ev.abs(), ridge, floor, precision, K, float(ev.min()) - ridge)
+    else:
+        sv = torch.linalg.svdvals(A)
+        if float(sv.min()) <= floor:
+            _raise_singular(sv, ridge, floor, precision, K, None)
     X, info = torch.linalg.solve_ex(A, B)
     if int(info) != 0 or not torch.isfinite(X).all():
-        _raise_singular(A, ridge, symmetric=False)
+        _raise_singular(torch.linalg.svdvals(A), ridge, floor, precision, K, None)
     return X
 
 
-def _pivot_condition(pivots: Tensor) -> float:
-    if pivots.numel() == 0:
-        return 1.0
-    low = float(pivots.min())
-    return math.inf if low == 0 else (float(pivots.max()) / low) ** 2
-
-
-def _raise_singular(A: Tensor, ridge: float, *, symmetric: bool) -> None:
-    if symmetric:
-        ev = torch.linalg.eigvalsh(A).abs()
-        low, high = float(ev.min()), float(ev.max())
-        cond = math.inf if low == 0 else high / low
-    else:
-        cond = float(torch.linalg.cond(A))
-    suggest = 1e-6 * float(A.diagonal().abs().mean()) if A.numel() else 1e-6
+def _raise_singular(
+    values: Tensor,
+    ridge: float,
+    floor: float,
+    precision: torch.dtype,
+    K: Tensor,
+    k_min: float | None,
+) -> None:
+    """``values``: |eigenvalues| (symmetric) or singular values of K + ridge I; ``k_min``:
+    lambda_min(K) when K is symmetric."""
+    low, high = float(values.min()), float(values.max())
+    cond = math.inf if low == 0 else high / low
+    # The ridge that lifts lambda_min(K) + ridge to 10 times the floor.
+    lift = 10 * (floor + max(0.0, -k_min)) if k_min is not None else 10 * floor
+    diag = float(K.diagonal().abs().mean()) if K.numel() else 1.0
+    suggest = max(1e-6 * diag, 10 * ridge, lift)
+    name = str(precision).replace("torch.", "")
+    what = "|eigenvalue|" if k_min is not None else "singular value"
     raise torch.linalg.LinAlgError(
-        f"K + ridge I (ridge = {ridge:.3g}) is singular to working precision: condition "
-        f"number {cond:.3g}. Pass a{' larger' if ridge > 0 else ''} ridge, e.g. "
-        f"ridge={max(suggest, 10 * ridge):.3g} "
-        f"(1e-6 times the mean diagonal of K, or 10 times the current ridge)."
+        f"K + ridge I (ridge = {ridge:.3g}) is singular at the precision of K ({name}): "
+        f"condition number {cond:.3g}, its smallest {what} {low:.3g} within the error K "
+        f"carries in {name}, {floor:.3g}. Pass "
+        f"a{' larger' if ridge > 0 else ''} ridge, e.g. ridge={suggest:.3g} (the largest of "
+        f"1e-6 times the mean diagonal of K, 10 times the current ridge, and 10 times that "
+        f"error plus K's most negative eigenvalue)."
     )
 
 
@@ -342,8 +368,13 @@ def kernel_regression(
         y: targets ``[N, C]``, or ``[N]`` when C = 1.
         K_test: cross kernel ``K(X_test, X)`` as ``[M, C, N, C]`` or ``[M*C, N*C]``.
         ridge: >= 0. K is symmetric: solved by Cholesky; a non-symmetric K
-            (asymmetric SignGD) by LU. A singular system raises
-            ``torch.linalg.LinAlgError`` with its condition number.
+            (asymmetric SignGD) by LU. A system singular at the precision K came in
+            raises ``torch.linalg.LinAlgError`` with its condition number and a ridge
+            that fixes it: singular means an eigenvalue (singular value, for a
+            non-symmetric K) of ``K + ridge I`` within ``(8 u + n eps64) || |K| ||_2``
+            of 0, ``u`` the unit roundoff of K's dtype, the error K carries at that
+            precision (Weyl; see :mod:`linft.spectrum`). A float32 K is judged at
+            float32, not at the float64 the solve runs in.
         f0: the model's outputs at initialization on X (default 0), shaped like y.
         f0_test: the same on X_test; required when both f0 and K_test are given.
 
@@ -361,7 +392,7 @@ def kernel_regression(
     n, c = Y.shape
     offset = _offsets(f0, n, c, "f0")
     A = K + ridge * torch.eye(n * c, dtype=K.dtype)
-    alpha = _solve(A, (Y - offset).reshape(-1, 1), ridge)
+    alpha = _solve(A, (Y - offset).reshape(-1, 1), ridge, K, K_in.dtype)
     if K_test is None:
         pred = offset + (K @ alpha).reshape(n, c)
     else:

@@ -9,12 +9,15 @@ without forming K). Methods:
   NeurIPS 2015). A block of ``b = k + p`` Gaussian vectors is grown into the basis
   ``[Q, A Q, ..., A^q Q]`` (orthonormalised block by block), ``H = V^T A V`` is solved in fp64,
   and the iteration restarts from the best ``b`` Ritz vectors (a thick restart whose ``A Q`` is
-  known, ``A U = (A V) S``) until every residual ``||A u - theta u|| / ||A||_2 <= tol``.
+  known, ``A U = (A V) S``) until every returned pair meets ``tol`` in residual
+  (``||A u - theta u|| / ||A||_2``) and in its certified eigenvalue error relative to itself
+  (:func:`topk_eigh` gives the bound).
 - ``"nystrom"``: the stable shifted Nystrom approximation of a PSD matrix (Tropp, Yurtsever,
   Udell & Cevher, *Fixed-Rank Approximation of a Positive-Semidefinite Matrix from Streaming
   Data*, NeurIPS 2017, Alg. 3): ``Y_nu = A Omega + nu Omega``, ``C = chol(Omega^T Y_nu)``,
   ``U Sigma = svd(Y_nu C^{-1})``, ``Lambda = max(Sigma^2 - nu, 0)``; repeated with
-  ``Omega <- U`` (subspace iteration) until the residuals meet ``tol``. One product per step.
+  ``Omega <- U`` (subspace iteration) until the pairs meet ``tol`` as for ``"krylov"``. One
+  product per step.
 - ``"dense"``: ``torch.linalg.eigh`` in fp64 (exact; used by ``"auto"`` when the Krylov basis
   would be a large fraction of n).
 
@@ -46,10 +49,11 @@ __all__ = [
 _METHODS = ("auto", "krylov", "nystrom", "dense")
 _BACKENDS = ("auto", "extension", "torch")
 _DEPTH = 3  # Krylov blocks added per restart cycle: basis of at most (1 + _DEPTH) * b columns
+_NOISE = 64  # eps(dtype) ||A||_2: residuals below this may be the products' rounding
 
 
 class ConvergenceWarning(UserWarning):
-    """``topk_eigh`` stopped before every residual met ``tol``."""
+    """``topk_eigh`` stopped before every pair met ``tol``."""
 
 
 @dataclass
@@ -60,7 +64,10 @@ class Eig:
     ``vectors`` [n, k] orthonormal, ``residuals`` [k] = ``||A v - lambda v|| / ||A||_2`` with
     ``A v`` recomputed for the returned pairs and ``||A||_2`` estimated by ``norm`` (the largest
     |Ritz value| seen, a lower bound, so residuals are never understated by it),
-    ``iterations`` (restart cycles; 1 for ``"dense"``), ``converged`` (every residual <= tol),
+    ``errors`` [k] (fp64): a bound on ``|lambda - value| / |value|`` for the eigenvalue
+    ``lambda`` of A nearest each value (``inf`` for a value 0 with a nonzero residual; see
+    :func:`topk_eigh`), ``iterations`` (restart cycles; 1 for ``"dense"``), ``converged``
+    (every pair met ``tol``, see :func:`topk_eigh`),
     ``matmuls`` (products with A, one per block of columns), ``method`` and ``backend`` used,
     and ``product``: how A was multiplied (``"symmetric"``, ``"triton"``, ``"gemm"``,
     ``"operator"``, or ``"none"`` when no product was taken).
@@ -76,6 +83,7 @@ class Eig:
     method: str = ""
     backend: str = ""
     product: str = ""
+    errors: Tensor | None = None
 
 
 # ---------------------------------------------------------------- pure-torch twins of the ops
@@ -365,18 +373,36 @@ def topk_eigh(
     ``A``: a symmetric tensor [n, n] (float32/float64; others are computed in float32) or an
     object with ``shape == (n, n)`` and ``matmul(X) -> A @ X`` (an optional ``dtype`` attribute
     says which dtype X is cast to; the work is float32 unless it is float64).
-    Converged means ``||A v - lambda v|| / ||A||_2 <= tol`` for each returned pair; when
-    ``max_iters`` restart cycles (default 50) do not get there a :class:`ConvergenceWarning` is
-    raised and ``converged=False``. ``method``: ``"auto"`` (Krylov, or dense ``eigh`` when the
-    Krylov basis would exceed n / 2), ``"krylov"``, ``"nystrom"`` (PSD ``A``, ``largest`` only),
-    ``"dense"``. ``backend``: ``"auto"`` (the C++/CUDA extension when loaded, else pure torch),
-    ``"extension"`` (an error if it is not loaded) or ``"torch"``. A dense ``A`` is multiplied
-    by the extension's symmetric product (half of A read) under ``"extension"``, by one GEMM
-    under ``"torch"``, and under ``"auto"`` by the fastest accurate one of these and, for
-    float32 on CUDA, the Triton symmetric product, timed once on this device for matrices of
-    this size (``Eig.product`` says which). ``oversample``:
-    extra block columns ``p`` (default ``max(10, k // 2)``). See the module docstring for the
-    algorithms.
+    Converged means, for each returned pair ``(theta_j, v_j)``:
+
+    - ``||A v_j - theta_j v_j|| / ||A||_2 <= tol`` (``residuals``), and
+    - ``|lambda - theta_j| <= errors_j |theta_j| <= tol |theta_j|`` for the eigenvalue
+      ``lambda`` of A nearest ``theta_j``: each value certified to ``tol`` relative to itself,
+      unless the working precision stops it short: a pair whose residual norm has stalled
+      (not halved since the previous check; always, for ``"dense"``) below
+      ``64 max(eps, sqrt(n) eps64) ||A||_2`` is taken as it is (``eps`` of the working dtype:
+      float32 residuals bottom out at 2-13 ``eps ||A||_2``; ``sqrt(n) eps64``: the fp64
+      evaluation), and its ``errors_j`` says what is certified.
+
+    ``theta_j`` is the Rayleigh quotient of ``v_j``, with ``A v_j`` recomputed in fp64 for a
+    dense A (an operator's own product otherwise), and ``errors_j * |theta_j|`` bounds
+    ``|lambda - theta_j|`` by ``min(r_j, r_j^2 / delta_j)`` (Kato-Temple; ``r_j`` the residual
+    norm, ``delta_j`` the gap from ``theta_j`` to the other Ritz values less their residuals:
+    the usual estimate, exact once those bracket the rest of the spectrum), plus the
+    product's asymmetry in the basis, the fp64 evaluation (``sqrt(n) eps64 ||A||_2``) and the
+    rounding of ``theta_j`` to the working dtype.
+    When ``max_iters`` restart cycles (default 50) do not get there a
+    :class:`ConvergenceWarning` is raised and ``converged=False``.
+
+    ``method``: ``"auto"`` (Krylov, or dense ``eigh`` when the Krylov basis would exceed n / 2),
+    ``"krylov"``, ``"nystrom"`` (PSD ``A``, ``largest`` only), ``"dense"``. ``backend``:
+    ``"auto"`` (the C++/CUDA extension when loaded, else pure torch), ``"extension"`` (an error
+    if it is not loaded) or ``"torch"``. A dense ``A`` is multiplied by the extension's
+    symmetric product (half of A read) under ``"extension"``, by one GEMM under ``"torch"``, and
+    under ``"auto"`` by the fastest accurate one of these and, for float32 on CUDA, the Triton
+    symmetric product, timed once on this device for matrices of this size (``Eig.product`` says
+    which). ``oversample``: extra block columns ``p`` (default ``max(10, k // 2)``). See the
+    module docstring for the algorithms.
     """
     requested = backend
     backend = _resolve_backend(backend)
@@ -405,18 +431,18 @@ def topk_eigh(
         gen = torch.Generator(device=op.device)
         gen.manual_seed(int(seed))
     if method == "dense":
-        out = _dense(op, k, largest)
+        out = _dense(op, k, largest, tol)
     else:
         Q0 = torch.randn(n, b, generator=gen, dtype=op.dtype, device=op.device)
         solve = _krylov if method == "krylov" else _nystrom
         out = solve(op, Q0, k, largest, tol, max_iters, _ops(backend))
-    out.converged = bool((out.residuals <= tol).all())
     out.matmuls, out.method, out.backend = op.count, method, backend
     out.product = op.product if op.count else "none"  # none: eigh of the matrix itself
     if not out.converged:
         warnings.warn(
             f"topk_eigh: not converged after {out.iterations} iterations ({method}): max "
-            f"residual {float(out.residuals.max()):.3g} > tol {tol:g}; raise max_iters or "
+            f"residual {float(out.residuals.max()):.3g}, max relative eigenvalue error bound "
+            f"{float(out.errors.max()):.3g} (tol {tol:g}); raise max_iters or "
             "oversample, loosen tol, or use method='dense'",
             ConvergenceWarning,
             stacklevel=2,
@@ -461,18 +487,124 @@ def _residuals(U: Tensor, AU: Tensor, theta: Tensor, norm: float) -> Tensor:
     return torch.where(r == 0, 0.0, math.inf).to(r)
 
 
-def _finish(op, U: Tensor, theta: Tensor, norm: float, iters: int, AU: Tensor | None) -> Eig:
-    """The returned pairs; ``AU`` must be a true product ``A U`` (computed here when None)."""
-    AU = op(U) if AU is None else AU
+def _evaluation(n: int, norm: float) -> float:
+    """Rounding of ``u^T (A u)`` evaluated in fp64 (``sqrt(n)`` growth of the sums)."""
+    return math.sqrt(n) * torch.finfo(torch.float64).eps * norm
+
+
+def _noise(dtype: torch.dtype, norm: float, n: int) -> float:
+    # NOTE: float32 pairs bottom out at residuals of 2-13 eps ||A||_2 (Krylov with products
+    # refined in fp64: 2-9; Nystrom: 5-13), set by the rounding of the stored vectors and
+    # products rather than by the iteration.
+    return _NOISE * max(torch.finfo(dtype).eps * norm, _evaluation(n, norm))
+
+
+def _value_bounds(theta: Tensor, r: Tensor, other: Tensor, other_r: Tensor) -> Tensor:
+    """``min(r_j, r_j^2 / delta_j)``: a bound on ``|lambda - theta_j|`` (Kato-Temple).
+
+    ``delta_j`` is the distance from ``theta_j`` to the nearest other Ritz value (the other
+    returned ones, then ``other``) less that value's residual; where it does not exceed
+    ``r_j`` only the linear bound holds (Parlett, *The Symmetric Eigenvalue Problem*, 11.5-11.7).
+    """
+    values = torch.cat([theta, other.to(theta)])
+    res = torch.cat([r, other_r.to(r)])
+    D = (theta[:, None] - values[None, :]).abs() - res[None, :]
+    k = theta.numel()
+    D[torch.arange(k), torch.arange(k)] = math.inf
+    gap = D.min(1).values if values.numel() > 1 else torch.full_like(theta, math.inf)
+    return torch.where(gap > r, r * r / gap.clamp_min(1e-300), r)
+
+
+def _accepted(
+    theta: Tensor, r: Tensor, bound: Tensor, norm: float, tol: float, dtype, n: int, stalled
+) -> Tensor:
+    """Per pair: residual ``r / ||A|| <= tol``, and value bound ``<= tol |theta|`` unless the
+    residual has stalled at the working precision's noise (no iteration certifies more)."""
+    res_ok = r <= tol * norm if norm > 0 else r == 0
+    at_noise = stalled & (r <= _noise(dtype, norm, n))
+    return res_ok & ((bound <= tol * theta.abs()) | at_noise)
+
+
+def _cheap_check(
+    theta, U, AU, k: int, norm: float, tol: float, dtype, prev: Tensor | None
+) -> tuple[bool, Tensor, Tensor]:
+    """The test on the Ritz pairs as the iteration has them (``A U`` accumulated as
+    ``(A V) S``): (passed, residual norms of the first k, which of them stalled: not halved
+    since ``prev``, the previous check's)."""
+    r = torch.linalg.vector_norm(AU.double() - U.double() * theta.double(), dim=0)
+    theta = theta.double().to(r.device)
+    bound = _value_bounds(theta[:k], r[:k], theta[k:], r[k:])
+    rk = r[:k]
+    stalled = rk > 0.5 * prev if prev is not None and prev.shape == rk.shape else rk == 0
+    ok = bool(_accepted(theta[:k], rk, bound, norm, tol, dtype, U.shape[0], stalled).all())
+    return ok, rk, stalled
+
+
+def _product64(op, U: Tensor) -> Tensor:
+    """``A U`` in float64: a dense A row block by row block (no fp64 copy of A), else ``op``."""
+    if op.dense is None:
+        return op(U).double()
+    op.count += 1
+    A, Ud = op.dense, U.double()
+    if A.dtype == torch.float64:
+        return A @ Ud
+    rows = max(1, (1 << 22) // max(1, A.shape[1]))
+    return torch.cat([A[i : i + rows].double() @ Ud for i in range(0, A.shape[0], rows)])
+
+
+def _finish(
+    op,
+    U: Tensor,
+    norm: float,
+    iters: int,
+    tol: float,
+    other: tuple[Tensor, Tensor] | None = None,
+    AU: Tensor | None = None,
+    AU64: Tensor | None = None,
+    stalled: Tensor | None = None,
+) -> tuple[Eig, Tensor]:
+    """The returned pairs, certified; and ``A U`` in the working dtype (for a restart).
+
+    Values are the Rayleigh quotients ``u^T A u / u^T u`` of the returned vectors with ``A u``
+    in fp64 (a dense A; an operator's own product otherwise), which the quadratic bound needs.
+    ``other``: the remaining Ritz values and their residuals (gaps); ``AU``: a true product of
+    an operator with U, reused instead of a new one; ``AU64``: ``A U`` in fp64, given;
+    ``stalled``: which pairs no longer improve (None: all, for a direct solve).
+    """
+    if AU64 is None:
+        AU64 = _product64(op, U) if AU is None or op.dense is not None else AU.double()
+    Ud = U.double()
+    scale = torch.linalg.vector_norm(Ud, dim=0).clamp_min(1e-300)
+    theta = (Ud * AU64).sum(0) / scale**2
+    r = torch.linalg.vector_norm(AU64 - Ud * theta, dim=0) / scale
+    norm = max(norm, float(theta.abs().max()))
     values = theta.to(op.dtype)
-    res = _residuals(U, AU, values, norm).to(op.dtype)
-    return Eig(values, U, res, iters, False, norm=norm)
+    # A product in the working dtype is not symmetric in the basis: its asymmetry is the part
+    # of the product's rounding that enters the Rayleigh quotient.
+    H = (Ud / scale).T @ (AU64 / scale)
+    asym = (H - H.T).abs().amax(1) if theta.numel() > 1 else torch.zeros_like(theta)
+    if other is None:
+        other = (theta.new_zeros(0), theta.new_zeros(0))
+    bound = _value_bounds(theta, r, other[0].double().to(theta.device), other[1].double())
+    bound = bound + asym + _evaluation(U.shape[0], norm) + (theta - values.double()).abs()
+    errors = torch.where(bound == 0, 0.0, bound / theta.abs().clamp_min(1e-300))
+    errors = torch.where((theta == 0) & (bound > 0), math.inf, errors)
+    out = Eig(values, U, _residuals(U, AU64, theta, norm).to(op.dtype), iters, False, norm=norm)
+    out.errors = errors  # fp64: a bound is not rounded down to the working dtype
+    stalled = torch.ones_like(r, dtype=torch.bool) if stalled is None else stalled.to(r.device)
+    accepted = _accepted(theta, r, bound, norm, tol, op.dtype, U.shape[0], stalled)
+    out.converged = bool(accepted.all())
+    return out, AU64.to(op.dtype)
+
+
+def _ritz_residuals(U: Tensor, AU: Tensor, theta: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(AU.double() - U.double() * theta.double(), dim=0)
 
 
 def _krylov(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, ops) -> Eig:
     n, b = Q0.shape
     drop = _drop_tol(op.dtype)
-    norm, true_AU = 0.0, None
+    norm = 0.0
     if not largest:
         # ||A||_2 normalises the residuals: the basis grown towards the bottom of the spectrum
         # underestimates it, so take it from a short solve for the top eigenvalue.
@@ -480,6 +612,7 @@ def _krylov(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, o
         norm = max(top.norm, float(top.values.abs().max()))
     Q = ops.orthonormalize(Q0, Q0.new_empty(n, 0), drop)
     AQ = op(Q)
+    prev = None
     for it in range(1, max_iters + 1):
         V, AV, cols = [Q], [AQ], Q.shape[1]
         for _ in range(_DEPTH):
@@ -494,13 +627,17 @@ def _krylov(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, o
         theta, U, AU, nrm = ops.rayleigh_ritz(torch.cat(V, 1), torch.cat(AV, 1), b, largest)
         norm = max(norm, float(nrm))
         kk = min(k, U.shape[1])
-        done = bool((_residuals(U[:, :kk], AU[:, :kk], theta[:kk], norm) <= tol).all())
-        if kk == k and (done or it == max_iters):
-            AU = true_AU = op(U)  # rounding accumulated in (A V) S must not pass as converged
-            if bool((_residuals(U[:, :k], AU[:, :k], theta[:k], norm) <= tol).all()):
-                break
-        Q, AQ, true_AU = U, AU, None
-    return _finish(op, U[:, :k], theta[:k], norm, it, None if true_AU is None else true_AU[:, :k])
+        passed, prev, stalled = _cheap_check(theta, U, AU, kk, norm, tol, op.dtype, prev)
+        if kk == k and (passed or it == max_iters):
+            # Rounding accumulated in (A V) S must not pass as converged: certify on A U itself.
+            rest = (theta[k:], _ritz_residuals(U[:, k:], AU[:, k:], theta[k:]))
+            out, AU_k = _finish(op, U[:, :k], norm, it, tol, rest, stalled=stalled)
+            if out.converged or it == max_iters:
+                return out
+            AU = torch.cat([AU_k, AU[:, k:]], 1)
+        Q, AQ = U, AU
+    rest = (theta[kk:], _ritz_residuals(U[:, kk:], AU[:, kk:], theta[kk:]))
+    return _finish(op, U[:, :k], norm, it, tol, rest, stalled=stalled)[0]
 
 
 def _nystrom(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, ops) -> Eig:
@@ -508,16 +645,21 @@ def _nystrom(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, 
     Omega = ops.orthonormalize(Q0, Q0.new_empty(n, 0), _drop_tol(op.dtype))
     Y = op(Omega)
     eps = torch.finfo(op.dtype).eps
-    norm = 0.0
+    norm, prev = 0.0, None
     for it in range(1, max_iters + 1):
         lam, U = _nystrom_step(Omega, Y, eps, n)
         norm = max(norm, float(lam[0]))
         AU = op(U)
-        res = _residuals(U[:, :k], AU[:, :k], lam[:k], norm)
-        if bool((res <= tol).all()) or it == max_iters:
-            break
+        lam = lam.to(U.device)
+        passed, prev, stalled = _cheap_check(lam, U, AU, k, norm, tol, op.dtype, prev)
+        if passed or it == max_iters:
+            rest = (lam[k:], _ritz_residuals(U[:, k:], AU[:, k:], lam[k:]))
+            out, AU_k = _finish(op, U[:, :k], norm, it, tol, rest, AU[:, :k], stalled=stalled)
+            if out.converged or it == max_iters:
+                return out
+            AU = torch.cat([AU_k, AU[:, k:]], 1)
         Omega, Y = U, AU
-    return _finish(op, U[:, :k], lam[:k].to(U.device), norm, it, AU[:, :k])
+    raise AssertionError("unreachable: the last iteration returns")
 
 
 def _nystrom_step(Omega: Tensor, Y: Tensor, eps: float, n: int) -> tuple[Tensor, Tensor]:
@@ -540,7 +682,7 @@ def _nystrom_step(Omega: Tensor, Y: Tensor, eps: float, n: int) -> tuple[Tensor,
     return lam, U.to(Y.dtype)
 
 
-def _dense(op, k: int, largest: bool) -> Eig:
+def _dense(op, k: int, largest: bool, tol: float) -> Eig:
     M = op.materialize()
     w, Vv = torch.linalg.eigh(M)
     n = w.shape[0]
@@ -548,6 +690,10 @@ def _dense(op, k: int, largest: bool) -> Eig:
     idx = torch.arange(n - 1, n - 1 - k, -1) if largest else torch.arange(k)
     idx = idx.to(w.device)
     U = Vv[:, idx].to(op.dtype)
-    values = w[idx].to(op.dtype)
-    res = _residuals(U, M @ U.double(), values, norm).to(op.dtype)
-    return Eig(values, U, res, 1, False, norm=norm)
+    keep = torch.ones(n, dtype=torch.bool, device=w.device)
+    keep[idx] = False
+    AU64 = M @ U.double()
+    # eigh is backward stable in fp64: the other eigenvalues are as exact as these residuals.
+    r = float(torch.linalg.vector_norm(AU64 - U.double() * w[idx], dim=0).max())
+    other = (w[keep], torch.full_like(w[keep], r))
+    return _finish(op, U, norm, 1, tol, other, AU64=AU64)[0]

@@ -4,6 +4,11 @@ An output helper is a callable ``(model_output, batch) -> Tensor[n, C]`` (or
 ``[n]``, meaning C = 1). ``logits()`` fits sequence classifiers; language
 models produce ``[n, T, V]`` logits and need ``mask_token`` (prompt-based
 fine-tuning of masked LMs, Malladi et al. 2023) or ``last_token`` (causal LMs).
+
+Token positions come from the batch (``input_ids``, ``attention_mask``). Logits longer
+than the batch by ``k`` tokens carry ``k`` prepended virtual tokens (peft's prompt tuning
+and p-tuning put them before the input), so a batch position ``t`` is logits position
+``k + t``; prefix tuning adds no logits.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ def _logits_of(model_output: object) -> torch.Tensor:
             "pass output=callable(model_output, batch) -> Tensor[n, C]"
         )
     return logits
+
+
+def _virtual_tokens(logits: torch.Tensor, width: int, helper: str) -> int:
+    """How many tokens (peft's virtual tokens) precede the batch's tokens in the logits."""
+    extra = logits.shape[1] - width
+    if extra < 0:
+        raise ValueError(
+            f"{helper}: the logits cover {logits.shape[1]} tokens but the batch has {width}; "
+            "pass the batch that produced these logits"
+        )
+    return extra
 
 
 def _label_ids(label_token_ids: Sequence[int] | torch.Tensor | None, device) -> torch.Tensor | None:
@@ -77,7 +93,10 @@ def mask_token(label_token_ids: Sequence[int] | torch.Tensor, mask_token_id: int
                 f"sample {i} of the batch has {int(counts[i])} mask tokens (id {mask_token_id}); "
                 "mask_token needs exactly one per sample"
             )
-        pos = is_mask.long().argmax(dim=1)
+        if out.dim() != 3:
+            raise ValueError(f"mask_token expects [n, T, V] logits, got {tuple(out.shape)}")
+        pos = is_mask.long().argmax(dim=1).to(out.device)
+        pos = pos + _virtual_tokens(out, input_ids.shape[1], "mask_token")
         rows = out[torch.arange(out.shape[0], device=out.device), pos]  # [n, V]
         ids = _label_ids(label_token_ids, rows.device)
         return rows[:, ids]
@@ -86,7 +105,8 @@ def mask_token(label_token_ids: Sequence[int] | torch.Tensor, mask_token_id: int
 
 
 def last_token(label_token_ids: Sequence[int] | torch.Tensor | None = None) -> OutputFn:
-    """Logits at the last real (non-padded) token of a causal LM, left or right padded."""
+    """Logits at the last real (non-padded) token of a causal LM, left or right padded
+    (the last 1 of ``attention_mask``; the last token without a mask)."""
 
     def read(model_output: object, batch: Mapping[str, object]) -> torch.Tensor:
         out = _logits_of(model_output)
@@ -96,11 +116,11 @@ def last_token(label_token_ids: Sequence[int] | torch.Tensor | None = None) -> O
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             # Index of the last 1 in each row, whichever side the padding is on.
-            ar = torch.arange(t, device=mask.device)
+            ar = torch.arange(mask.shape[1], device=mask.device)
             pos = torch.where(mask.bool(), ar, -1).amax(dim=1)
             if (pos < 0).any():
                 raise ValueError("a sample's attention_mask is all zeros: it has no real token")
-            pos = pos.to(out.device)
+            pos = pos.to(out.device) + _virtual_tokens(out, mask.shape[1], "last_token")
         else:
             pos = torch.full((n,), t - 1, device=out.device)
         rows = out[torch.arange(n, device=out.device), pos]

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .spectrum import precision_floor
+
 __all__ = ["Selection", "select_from_kernels", "select_layers"]
 
 Score = str | Callable[[Tensor], float]
 _SCORES = ("condition", "lambda_min")
-_EPS64 = torch.finfo(torch.float64).eps
 
 
 @dataclass
@@ -94,9 +95,11 @@ class Selection:
         return "\n".join(lines)
 
 
-def _matrix(K: Tensor, name: str) -> Tensor:
-    """A group kernel as a float64 symmetric ``[N*C, N*C]`` matrix."""
+def _matrix(K: Tensor, name: str) -> tuple[Tensor, float]:
+    """A group kernel as a float64 symmetric ``[N*C, N*C]`` matrix, and the error it carries
+    at the precision it came in (:func:`linft.spectrum.precision_floor`)."""
     K = torch.as_tensor(K).detach()
+    precision = K.dtype
     if K.dim() == 4 and K.shape[:2] == K.shape[2:]:
         K = K.reshape(K.shape[0] * K.shape[1], -1)
     if K.dim() != 2 or K.shape[0] != K.shape[1]:
@@ -112,7 +115,8 @@ def _matrix(K: Tensor, name: str) -> Tensor:
             f"kernel of group {name!r} is not symmetric; selection needs PSD kernels "
             "(kernel='sgd' or 'signgd', not 'asym_signgd')"
         )
-    return 0.5 * (K + K.T)
+    K = 0.5 * (K + K.T)
+    return K, precision_floor(K, precision)[0]
 
 
 def _condition(lo: float, hi: float) -> float:
@@ -120,24 +124,28 @@ def _condition(lo: float, hi: float) -> float:
     return hi / lo if lo > 0 else math.inf
 
 
-def _ends(K: Tensor, ridge: float) -> tuple[float, float]:
+def _ends(K: Tensor, ridge: float, floor: float) -> tuple[float, float]:
     """``(lambda_min, lambda_max)`` of ``K + ridge I``.
 
-    An eigenvalue of K within ``n * eps * |lambda|_max`` of 0 (numpy's rank
-    tolerance) is taken as 0, so that a singular K_S without ridge scores
-    ``kappa = inf`` rather than a huge number made of rounding.
+    ``lambda_min(K)`` within ``floor`` of 0 is taken as 0, so that a K_S singular at
+    its precision scores ``kappa = inf`` without ridge rather than a huge number made
+    of rounding. ``floor`` is the error K_S carries: the sum over its groups of
+    ``(8 u + n eps64) || |K_l| ||_2``, ``u`` the unit roundoff of the dtype K_l came in
+    (Weyl; see :mod:`linft.spectrum`), which judges a float32 kernel at float32.
     """
     ev = torch.linalg.eigvalsh(K)
     lo, hi = float(ev[0]), float(ev[-1])
-    if abs(lo) <= K.shape[0] * _EPS64 * max(abs(lo), abs(hi)):
+    if abs(lo) <= floor:
         lo = 0.0
     return lo + ridge, hi + ridge
 
 
-def _group_table(mats: Mapping[str, Tensor], ridge: float) -> dict[str, dict[str, float]]:
+def _group_table(
+    mats: Mapping[str, Tensor], floors: Mapping[str, float], ridge: float
+) -> dict[str, dict[str, float]]:
     table = {}
     for name, K in mats.items():
-        lo, hi = _ends(K, 0.0)
+        lo, hi = _ends(K, 0.0, floors[name])
         table[name] = {
             "lambda_max": hi,
             "lambda_min": lo,
@@ -155,9 +163,9 @@ def _group_table(mats: Mapping[str, Tensor], ridge: float) -> dict[str, dict[str
 
 
 def _scorer(score: Score, ridge: float, maximize: bool | None) -> tuple[Callable, str, bool]:
-    """``(K_S -> value, name, maximize)``."""
+    """``((K_S, floor of K_S) -> value, name, maximize)``."""
     if callable(score):
-        return score, getattr(score, "__name__", "custom"), bool(maximize)
+        return (lambda K, floor: score(K)), getattr(score, "__name__", "custom"), bool(maximize)
     if score not in _SCORES:
         raise ValueError(
             f"score must be one of {_SCORES} or a callable (K_S) -> float, got {score!r}"
@@ -165,8 +173,8 @@ def _scorer(score: Score, ridge: float, maximize: bool | None) -> tuple[Callable
     if maximize is not None and maximize != (score == "lambda_min"):
         raise ValueError(f"score {score!r} has a fixed direction; leave maximize unset")
     if score == "condition":
-        return (lambda K: _condition(*_ends(K, ridge))), score, False
-    return (lambda K: _ends(K, ridge)[0]), score, True
+        return (lambda K, floor: _condition(*_ends(K, ridge, floor))), score, False
+    return (lambda K, floor: _ends(K, ridge, floor)[0]), score, True
 
 
 def _bound(
@@ -219,21 +227,32 @@ def select_from_kernels(
         raise ValueError("kernels is empty: there is no group to select")
     if isinstance(budget, bool) or int(budget) != budget or not 1 <= budget <= len(kernels):
         raise ValueError(f"budget must be an integer in [1, {len(kernels)}], got {budget!r}")
-    mats = {name: _matrix(K, name) for name, K in kernels.items()}
+    converted = {name: _matrix(K, name) for name, K in kernels.items()}
+    mats = {name: M for name, (M, _) in converted.items()}
+    floors = {name: floor for name, (_, floor) in converted.items()}
     shapes = {tuple(K.shape) for K in mats.values()}
     if len(shapes) > 1:
         raise ValueError(f"group kernels have different shapes: {sorted(shapes)}")
     fn, name, maximize = _scorer(score, ridge, maximize)
-    sel = Selection([], [], [], _group_table(mats, ridge), name, maximize, ridge)
-    _greedy(sel, mats, fn, int(budget))
+    sel = Selection([], [], [], _group_table(mats, floors, ridge), name, maximize, ridge)
+    _greedy(sel, mats, floors, fn, int(budget))
     return sel
 
 
-def _greedy(sel: Selection, mats: dict[str, Tensor], fn: Callable, budget: int) -> None:
-    total, ends = None, None
+def _greedy(
+    sel: Selection,
+    mats: dict[str, Tensor],
+    floors: dict[str, float],
+    fn: Callable,
+    budget: int,
+) -> None:
+    total, ends, floor = None, None, 0.0
     remaining = list(mats)
     for _ in range(budget):
-        cand = {g: float(fn(mats[g] if total is None else total + mats[g])) for g in remaining}
+        cand = {
+            g: float(fn(mats[g] if total is None else total + mats[g], floor + floors[g]))
+            for g in remaining
+        }
         sign = -1.0 if sel.maximize else 1.0
         best = min(remaining, key=lambda g: (sign * cand[g], remaining.index(g)))
         if all(math.isinf(v) for v in cand.values()) and sel.score == "condition":
@@ -245,7 +264,8 @@ def _greedy(sel: Selection, mats: dict[str, Tensor], fn: Callable, budget: int) 
             )
         sel.bounds.append(_bound(sel.score, ends, sel.table[best], sel.ridge))
         total = mats[best] if total is None else total + mats[best]
-        ends = _ends(total, sel.ridge)
+        floor += floors[best]  # the groups' errors add up in K_S
+        ends = _ends(total, sel.ridge, floor)
         remaining.remove(best)
         sel.groups.append(best)
         sel.scores.append(cand[best])
@@ -273,5 +293,26 @@ def select_layers(
     """
     import linft  # the kernel stack loads only when a model is analyzed
 
+    if ntk_kwargs.get("out", "full") != "full":
+        raise ValueError('select_layers needs every group kernel whole: leave out= at "full"')
     kernels = linft.layer_ntks(model, inputs, groups=groups, **ntk_kwargs)
-    return select_from_kernels(kernels, budget=budget, score=score, ridge=ridge, maximize=maximize)
+    chosen = None
+    if kernels is not None:  # None: a rank other than 0 of a distributed run
+        chosen = select_from_kernels(
+            kernels, budget=budget, score=score, ridge=ridge, maximize=maximize
+        )
+    return _from_rank_zero(chosen, ntk_kwargs.get("group"))
+
+
+def _from_rank_zero(chosen: Selection | None, group) -> Selection:
+    """Under torch.distributed every rank gets rank 0's selection (the kernels are there)."""
+    from .kernel import distributed
+
+    group = distributed.resolve_group(group)
+    if group is None:
+        return chosen
+    import torch.distributed as dist
+
+    box = [chosen]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]

@@ -6,9 +6,31 @@ For K (PSD, [n, n] or a full kernel [N, C, N, C] reshaped to [N*C, N*C]) with ei
 - ``condition_number = (lambda_1 + ridge) / (lambda_n + ridge)``; ``inf`` when K is numerically
   singular (``rank < n``) and ``ridge == 0``. The condition number of K at initialization
   predicts the training loss and accuracy of fine-tuning (Afzal et al., NeurIPS 2025).
-- ``rank = #{j : lambda_j > rtol * lambda_1}``, ``rtol = n * eps(dtype of K)`` by default (the
-  convention of ``numpy.linalg.matrix_rank``). K is singular whenever N*C exceeds the number of
-  parameters.
+- ``rank = #{j : lambda_j > tau}``, with ``tau`` (``rank_threshold``; its source in
+  ``rank_threshold_source``) what K's precision certifies: K is numerically singular when
+  ``lambda_n <= tau``. By Weyl's inequality
+  ``|lambda_j(K + E) - lambda_j(K)| <= ||E||_2``, so an eigenvalue above a bound on the error E
+  that K carries is certified nonzero, and one below it is not. With ``u = eps / 2`` the unit
+  roundoff of K's dtype:
+
+  - rounding K's entries gives ``|E_ij| <= u |K_ij|``, hence
+    ``||E||_2 <= || |E| ||_2 <= u || |K| ||_2`` (``|K|`` entrywise; its norm is bounded above
+    by Collatz-Wielandt, ``max_i (|K| x)_i / x_i`` for ``x > 0`` from power iteration on
+    ``|K|``). For a PSD K this is at most ``u * trace(K)``, and far below the
+    ``n * eps * lambda_1`` of ``numpy.linalg.matrix_rank`` when the spectrum is not flat;
+  - a K computed in its own precision also carries the error of that computation: a Gram
+    ``J J^T`` accumulated over P terms errs by up to ``P u |J_i| . |J_j|`` per entry (about
+    ``sqrt(P) u`` for independent roundings; Higham & Mary, SIAM J. Sci. Comput. 2019), which
+    K alone does not reveal. Float32 Grams of rank-deficient J (P up to 2e5) and linft
+    kernels of known rank put their spurious eigenvalues within ``1.7 u || |K| ||_2``, so
+    the rounding floor takes 8 units: ``(8 u + n eps64) || |K| ||_2``, the ``n eps64`` for
+    the fp64 eigensolver's own backward error;
+  - K is PSD, so a negative ``lambda_n`` is error that K demonstrably carries
+    (``||E||_2 >= -lambda_n``) and its positive counterpart is as large: ``tau`` is the
+    larger of the rounding floor and ``2 max(0, -lambda_n)``.
+
+  ``rtol`` overrides all of this with ``tau = rtol * lambda_1`` (e.g. for a kernel whose
+  Jacobians were stored in bfloat16, whose error the float32 K does not show).
 - ``trace = sum_j K_jj``, ``stable_rank = trace / lambda_1``,
   ``effective_rank = exp(-sum_j p_j log p_j)`` with ``p_j = lambda_j / sum_i lambda_i``
   (Roy & Vetterli 2007; negative rounding-level eigenvalues count as 0).
@@ -19,21 +41,26 @@ For K (PSD, [n, n] or a full kernel [N, C, N, C] reshaped to [N*C, N*C]) with ei
 
 Computation: up to ``dense_threshold`` (default 8192) every eigenvalue comes from
 ``torch.linalg.eigvalsh`` in fp64. Above it, ``k`` top eigenvalues come from
-:func:`linft.topk_eigh` and ``lambda_n`` from inverse iteration with a fp64 Cholesky factor,
-``lambda_n = 1 / lambda_1((K + s I)^{-1}) - s`` (``s = 0``, or the smallest shift that makes the
-factorization succeed when K is singular); the rank of a singular K is then counted by Sylvester's
-law of inertia from an LDL^T factorization of ``K - rtol * lambda_1 * I``.
+:func:`linft.topk_eigh` (each certified to 1e-4 of itself for float32 K, 1e-6 for float64,
+down to what the working precision resolves)
+and ``lambda_n`` from inverse iteration with a fp64 Cholesky factor,
+``lambda_n = s + 1 / lambda_1((K - s I)^{-1})``: ``s`` the rounding floor
+``(8 u + n eps64) || |K| ||_2`` when that factorization succeeds (which certifies
+``lambda_n`` above it), else the first of ``-2, -20, -200, ...`` times it that succeeds; the
+rank of a singular K is then counted by Sylvester's law of inertia from an LDL^T
+factorization of ``K - tau I``. The bound on ``|| |K| ||_2`` costs a few passes over K.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from linft.eig import _check_dense, topk_eigh
+from linft.eig import ConvergenceWarning, _check_dense, topk_eigh
 
 __all__ = ["Spectrum", "spectrum"]
 
@@ -46,8 +73,10 @@ class Spectrum:
     ``lambda_min``, ``condition_number``, ``rank``, ``trace``, ``effective_rank`` (over
     ``eigenvalues``: exact when ``complete``), ``stable_rank``, ``decay_exponent`` and
     ``decay_fit_range`` (1-based inclusive ``(j_first, j_last)``; ``nan`` and ``(0, 0)`` when
-    fewer than two eigenvalues are usable), ``ridge``, ``n``, ``rank_threshold`` (absolute) and
-    ``complete`` (whether every eigenvalue was computed).
+    fewer than two eigenvalues are usable), ``ridge``, ``n``, ``rank_threshold`` (``tau``,
+    absolute), ``complete`` (whether every eigenvalue was computed) and
+    ``rank_threshold_source``: which floor ``tau`` is (the rounding of K, a negative
+    ``lambda_n``, or ``rtol``), with its formula.
     """
 
     eigenvalues: Tensor
@@ -64,6 +93,7 @@ class Spectrum:
     n: int
     rank_threshold: float
     complete: bool
+    rank_threshold_source: str = ""
 
 
 def spectrum(
@@ -77,22 +107,33 @@ def spectrum(
 ) -> Spectrum:
     """Spectrum summary of ``K`` ([n, n] or [N, C, N, C]); ``k`` keeps the top k ``eigenvalues``.
 
-    ``ridge >= 0`` enters the condition number only. ``rtol`` sets the relative rank threshold
-    (default ``n * eps``), ``fit_range`` the 1-based range of the decay fit, and
-    ``dense_threshold`` the size above which the top-k / Cholesky path replaces dense ``eigvalsh``.
+    ``ridge >= 0`` enters the condition number only. ``rtol`` overrides the rank threshold with
+    ``tau = rtol * lambda_max`` (default: what K's precision certifies, see the module
+    docstring), ``fit_range`` sets the 1-based range of the decay fit, and ``dense_threshold``
+    the size above which the top-k / Cholesky path replaces dense ``eigvalsh``.
     """
+    from . import sharded  # kernels held by the ranks of a process group
+
+    if sharded.is_sharded(K):
+        return sharded.spectrum(K, k=k, ridge=ridge, rtol=rtol, fit_range=fit_range,
+                                dense_threshold=dense_threshold)  # fmt: skip
     M = _as_matrix(K)
     n = M.shape[0]
     if isinstance(k, bool) or (k is not None and (not isinstance(k, int) or not 0 < k <= n)):
         raise ValueError(f"spectrum: k must be an integer in [1, n = {n}] or None, got {k!r}")
     if not ridge >= 0:
         raise ValueError(f"spectrum: ridge must be >= 0, got {ridge}")
-    rtol = n * torch.finfo(M.dtype).eps if rtol is None else float(rtol)
+    rtol = None if rtol is None else float(rtol)
     trace = float(M.diagonal().double().sum())
-    if n <= dense_threshold or k is None:
+    floor, source = precision_floor(M, K.dtype)
+    if floor == 0.0:  # K = 0: every eigenvalue is 0, known exactly
+        w = torch.zeros(n if k is None else k, dtype=torch.float64, device=M.device)
+        lmax = lmin = tau = 0.0
+        rank, eigs, complete, entropy_over = 0, w, True, w
+    elif n <= dense_threshold or k is None:
         w = torch.linalg.eigvalsh(M.double()).flip(0)
         lmax, lmin = float(w[0]), float(w[-1])
-        tau = rtol * max(lmax, 0.0)
+        tau, source = _threshold(floor, source, lmax, lmin, rtol)
         rank = int((w > tau).sum())
         eigs, complete = (w if k is None else w[:k]), True
         entropy_over = w
@@ -100,12 +141,24 @@ def spectrum(
         eigs = topk_eigh(M, k, tol=1e-6 if M.dtype == torch.float64 else 1e-4, seed=0).values
         eigs = eigs.double()
         lmax = float(eigs[0])
-        tau = rtol * max(lmax, 0.0)
-        lmin = _lambda_min_cholesky(M, lmax)
-        rank = n if lmin > tau else n - _count_below(M, tau)
+        lmin = _lambda_min_cholesky(M, floor)
+        tau, source = _threshold(floor, source, lmax, lmin, rtol)
+        rank = n if lmin > tau else _count_above(M, tau)
         complete, entropy_over = False, eigs
+    singular = rank < n or lmin <= 0
+    return summary(eigs, lmax, lmin, singular, rank, trace, tau, source, ridge, n, complete,
+                   fit_range, entropy_over)  # fmt: skip
+
+
+def summary(
+    eigs: Tensor, lmax: float, lmin: float, singular: bool, rank: int | None, trace: float,
+    tau: float, source: str, ridge: float, n: int, complete: bool,
+    fit_range: tuple[int, int] | None, entropy_over: Tensor,
+) -> Spectrum:  # fmt: skip
+    """The ``Spectrum`` of eigenvalues already found (here and in ``linft.sharded``):
+    condition number, decay fit, effective and stable ranks."""
     if ridge == 0:
-        cond = math.inf if rank < n or lmin <= 0 else lmax / lmin
+        cond = math.inf if singular else lmax / lmin
     else:
         cond = (lmax + ridge) / (max(lmin, 0.0) + ridge)
     alpha, rng = _decay_exponent(eigs, tau, fit_range)
@@ -124,6 +177,7 @@ def spectrum(
         n=n,
         rank_threshold=tau,
         complete=complete,
+        rank_threshold_source=source,
     )
 
 
@@ -180,19 +234,23 @@ def _decay_exponent(
     return -slope, (j0, j1)
 
 
-def _lambda_min_cholesky(M: Tensor, lmax: float) -> float:
-    """``lambda_n(K)`` by inverse iteration (block Krylov on ``(K + s I)^{-1}``), fp64."""
+def _lambda_min_cholesky(M: Tensor, floor: float) -> float:
+    """``lambda_n(K)`` by inverse iteration (block Krylov on ``(K - s I)^{-1}``), fp64."""
     Md = M.double()
     eye = torch.eye(Md.shape[0], dtype=torch.float64, device=Md.device)
-    eps = torch.finfo(torch.float64).eps
-    # s = 0 when K is numerically PD; else the smallest shift whose Cholesky succeeds, which
-    # keeps |lambda_n| resolved to about s.
-    for s in (0.0, 1e3 * eps * abs(lmax), 1e-8 * abs(lmax), 2.0 * abs(lmax) + 1.0):
-        L, info = torch.linalg.cholesky_ex(Md + s * eye if s else Md)
-        if int(info) == 0:
-            break
-    else:
-        raise ValueError("spectrum: K + s I not positive definite for any shift; K not symmetric?")
+    # s = floor: success certifies lambda_n > floor and leaves no cancellation in s + 1/mu.
+    # Else K is singular at its precision and the smallest shift K + |s| I that factors
+    # resolves lambda_n to about 1e-6 |s|, within 10x of |lambda_n| or of the floor.
+    s, L, limit = floor, None, 4.0 * abs_norm_bound(M) + 1.0  # beyond ||K||_2: K + |s| I is PD
+    while L is None:
+        L, info = torch.linalg.cholesky_ex(Md - s * eye)
+        if int(info) != 0:
+            L = None
+            s = -2.0 * floor if s > 0 else 10.0 * s
+            if -s > limit:
+                raise ValueError(
+                    "spectrum: K - s I not positive definite for any shift; K not symmetric?"
+                )
 
     class _Inverse:
         shape = Md.shape
@@ -202,12 +260,23 @@ def _lambda_min_cholesky(M: Tensor, lmax: float) -> float:
         def matmul(self, X: Tensor) -> Tensor:
             return torch.cholesky_solve(X, L)
 
-    top = topk_eigh(_Inverse(), 1, tol=1e-6, method="krylov", seed=0)
-    return 1.0 / float(top.values[0]) - s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        top = topk_eigh(_Inverse(), 1, tol=1e-6, method="krylov", seed=0)
+    if not top.converged and s > 0:
+        # Singular K (s < 0): lambda_n is rounding noise, needed only to about its size.
+        warnings.warn(
+            f"spectrum: lambda_min is known only to a relative {float(top.errors[0]):.2g} "
+            "(a cluster at the bottom of the spectrum); use a larger dense_threshold for "
+            "every eigenvalue from eigvalsh",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return s + 1.0 / float(top.values[0])
 
 
-def _count_below(M: Tensor, tau: float) -> int:
-    """#{j : lambda_j < tau} from the inertia of ``LDL^T = K - tau I`` (Sylvester)."""
+def _count_above(M: Tensor, tau: float) -> int:
+    """#{j : lambda_j > tau} from the inertia of ``LDL^T = K - tau I`` (Sylvester)."""
     Md = M.double() - tau * torch.eye(M.shape[0], dtype=torch.float64, device=M.device)
     LD, piv = torch.linalg.ldl_factor(Md)
     d = LD.diagonal().cpu().tolist()
@@ -216,11 +285,83 @@ def _count_below(M: Tensor, tau: float) -> int:
     count, i, n = 0, 0, len(d)
     while i < n:
         if piv[i] > 0 or i + 1 == n:
-            count += d[i] < 0
+            count += d[i] > 0
             i += 1
         else:  # 2x2 block [[d_i, e], [e, d_i+1]] (Bunch-Kaufman): signs of its two eigenvalues
             a, c, e = d[i], d[i + 1], sub[i]
             det = a * c - e * e
-            count += 1 if det < 0 else (2 if a + c < 0 else 0)
+            if det < 0:
+                count += 1
+            elif a + c > 0:
+                count += 2 if det > 0 else 1
             i += 2
     return count
+
+
+# ----------------------------------------------------------------- the precision floor
+
+# Units of roundoff of K's dtype in the floor: spurious eigenvalues of float32 Grams of
+# rank-deficient J reached 1.7 u || |K| ||_2 (P up to 2e5; the module docstring).
+_ROUNDING_UNITS = 8
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def abs_norm_bound(M: Tensor, *, symmetric: bool = True, iters: int = 12) -> float:
+    """An upper bound on ``|| |M| ||_2`` (``|M|`` entrywise) of a square M, computed in fp64.
+
+    Symmetric M: ``|M|`` is symmetric and nonnegative, so ``|| |M| ||_2`` is its Perron root,
+    and for any ``x > 0``, ``rho(|M|) <= max_i (|M| x)_i / x_i`` (Collatz-Wielandt); ``x = 1``
+    gives the largest row sum, and steps of power iteration tighten it to within 5% (or
+    ``iters`` steps). Otherwise ``sqrt(||M||_1 ||M||_inf)``. Row blocks bound the temporary
+    memory; ``(1 + n eps64)`` covers the rounding of the fp64 sums.
+    """
+    n = M.shape[0]
+    rows = max(1, (1 << 22) // max(1, n))
+    if not symmetric:
+        cols = torch.zeros(n, dtype=torch.float64, device=M.device)
+        row_max = 0.0
+        for i in range(0, n, rows):
+            a = M[i : i + rows].double().abs()
+            cols += a.sum(0)
+            row_max = max(row_max, float(a.sum(1).max()))
+        return math.sqrt(float(cols.max()) * row_max) * (1 + n * _EPS64)
+    x = torch.ones(n, dtype=torch.float64, device=M.device)
+    best = math.inf
+    for _ in range(iters):
+        y = torch.cat([M[i : i + rows].double().abs() @ x for i in range(0, n, rows)])
+        best = min(best, float((y / x).max()))
+        top = float(y.max())
+        if top == 0.0:
+            return 0.0
+        lower = float((x * y).sum() / (x * x).sum())  # Rayleigh quotient: rho(|M|) >= it
+        if best <= 1.05 * lower:
+            break
+        x = (y / top).clamp_min(1e-12)
+    return best * (1 + n * _EPS64)
+
+
+def precision_floor(M: Tensor, dtype: torch.dtype, *, symmetric: bool = True) -> tuple[float, str]:
+    """``((8 u + n eps64) || |K| ||_2, its description)``: the error K carries at its precision.
+
+    ``u`` is the unit roundoff of ``dtype`` (the dtype K came in; 0 for integers, which are
+    exact). By Weyl's inequality no eigenvalue of K within it of 0 is certified nonzero; see
+    the module docstring for the terms.
+    """
+    n = M.shape[0]
+    u = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+    bound = abs_norm_bound(M, symmetric=symmetric)
+    name = str(dtype).replace("torch.", "")
+    what = f"(8 u + n eps64) || |K| ||_2, u = unit roundoff of {name}"
+    return (_ROUNDING_UNITS * u + n * _EPS64) * bound, f"rounding of K: {what}"
+
+
+def _threshold(
+    floor: float, source: str, lmax: float, lmin: float, rtol: float | None
+) -> tuple[float, str]:
+    """``tau`` and its source: ``rtol * lambda_max`` if given, else the larger of the floor
+    and twice the error a negative ``lambda_n`` shows."""
+    if rtol is not None:
+        return rtol * max(lmax, 0.0), f"rtol * lambda_max, rtol = {rtol:.3g}"
+    if -2.0 * lmin > floor:
+        return -2.0 * lmin, "negative eigenvalue: 2 |lambda_min|, error K demonstrably carries"
+    return floor, source

@@ -26,10 +26,26 @@ def assert_rel_close(
         )
 
 
-def gram(Ja: torch.Tensor, Jb: torch.Tensor, kernel: str = "sgd") -> torch.Tensor:
-    """[N, C, M, C] kernel from float64 Jacobians [N, C, P], [M, C, P]."""
+# The sign kernels' rounding threshold (linft.kernel.signs): entries at most tau times
+# their row's largest magnitude count as zero. fp32 runs use 2^-17, float64 runs 2^-46.
+TAU_FP32 = 2.0**-17
+TAU_FP64 = 2.0**-46
+
+
+def thresholded(J: torch.Tensor, tau: float) -> torch.Tensor:
+    """J [N, C, P] with every entry |J_ij| <= tau * max_j |J_ij| set to zero."""
+    return J.masked_fill(J.abs() <= tau * J.abs().amax(dim=-1, keepdim=True), 0)
+
+
+def gram(
+    Ja: torch.Tensor, Jb: torch.Tensor, kernel: str = "sgd", tau: float = TAU_FP32
+) -> torch.Tensor:
+    """[N, C, M, C] kernel from float64 Jacobians [N, C, P], [M, C, P]; the sign kernels
+    read the signs of the entries above the rounding threshold ``tau``."""
     if kernel in ("signgd", "asym_signgd"):
-        Ja = torch.sign(Ja)
+        Ja = torch.sign(thresholded(Ja, tau))
     if kernel == "signgd":
-        Jb = torch.sign(Jb)
+        Jb = torch.sign(thresholded(Jb, tau))
+    elif kernel == "asym_signgd":
+        Jb = thresholded(Jb, tau)
     return torch.einsum("icp,jdp->icjd", Ja, Jb)

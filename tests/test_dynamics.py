@@ -1,6 +1,7 @@
 """linft.dynamics against explicit gradient descent and closed forms, in float64."""
 
 import math
+import re
 import warnings
 
 import pytest
@@ -242,6 +243,56 @@ def test_singular_system_error_names_condition_and_ridge():
     with pytest.raises(torch.linalg.LinAlgError, match=r"condition number .*ridge"):
         linft.kernel_regression(J @ J.T, y)
     linft.kernel_regression(J @ J.T, y, ridge=1e-3)  # the suggested fix works
+
+
+def suggested_ridge(err: Exception) -> float:
+    return float(re.search(r"ridge=([0-9.e+-]+)", str(err)).group(1))
+
+
+@pytest.mark.parametrize("kind", ["iid", "shared"])
+@pytest.mark.parametrize("n, c, p, layout", [(60, 1, 20, "matrix"), (33, 3, 50, "full")])
+def test_kernel_regression_singular_float32_raises(n, c, p, layout, kind):
+    # K = J J^T accumulated in float32 (as linft.ntk returns it) has rank p < N*C: singular.
+    J = torch.randn(n * c, p) + (2.0 if kind == "shared" else 0.0)
+    K = J @ J.T
+    y = torch.randn(n, c)
+    ev = torch.linalg.eigvalsh(K.double())
+    # Judged at float64's epsilon the noise eigenvalues pass as invertible.
+    assert float(ev.abs().min()) > n * c * torch.finfo(torch.float64).eps * float(ev[-1])
+    with pytest.raises(torch.linalg.LinAlgError, match=r"precision of K \(float32\).*condition"):
+        linft.kernel_regression(as_layout(K, n, c, layout), y)
+    try:
+        linft.kernel_regression(K, y)
+    except torch.linalg.LinAlgError as err:
+        ridge = suggested_ridge(err)
+    got = linft.kernel_regression(as_layout(K, n, c, layout), y, ridge=ridge)
+    want = kr_closed_form(K.double(), y.double(), ridge, torch.zeros(n, c, dtype=torch.float64))
+    assert got.dtype == torch.float32
+    assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), what="ridge")
+
+
+@pytest.mark.parametrize("n, c, p, layout", [(40, 1, 200, "matrix"), (37, 2, 300, "full")])
+def test_kernel_regression_well_conditioned_float32(n, c, p, layout):
+    J = torch.randn(n * c, p)
+    K = J @ J.T  # float32, full rank
+    y, f0 = torch.randn(n, c), torch.randn(n, c)
+    got = linft.kernel_regression(as_layout(K, n, c, layout), y, f0=f0)
+    want = kr_closed_form(K.double(), y.double(), 0.0, f0.double())
+    assert got.dtype == torch.float32
+    assert_close(got.double(), want, rtol=1e-5, atol=1e-5, what="float32 interpolation")
+
+
+@pytest.mark.parametrize("n, p", [(40, 15), (55, 30)])
+def test_linearized_loss_float32_null_modes_stay(n, p):
+    # Rank-deficient float32 K without ridge: the residual in J's null space never moves.
+    # Left to the rounding-level eigenvalues of K it would drift (0.2% after 2e5 steps).
+    J = torch.randn(n, p)
+    K, r0 = J @ J.T, torch.randn(n, dtype=torch.float64)
+    lr = 0.9 * 2 / (torch.linalg.eigvalsh(K.double())[-1].item() / n)
+    curve = linft.linearized_loss(K, r0, lr=lr, steps=200_000)
+    Q, _ = torch.linalg.qr(J.double())
+    stay = r0 - Q @ (Q.T @ r0)
+    assert_close(curve[-1], stay.square().sum() / (2 * n), rtol=1e-6, what="null-space floor")
 
 
 def test_min_lora_rank():

@@ -39,12 +39,16 @@ def spectra(kind: str, n: int) -> torch.Tensor:
         return j ** -float(kind[5:])
     if kind == "exp":
         return torch.exp(-0.05 * (j - 1))
+    if kind == "geometric":
+        return 10 ** (-(j - 1) / 4)
     raise ValueError(kind)
 
 
 def assert_small(x: torch.Tensor, bound: float, what: str) -> None:
     """All |x| <= bound; on failure name the worst element and any NaN."""
     x = x.detach().double().abs().cpu()
+    if x.numel() == 0:
+        return
     assert not torch.isnan(x).any(), f"{what}: NaN at {torch.isnan(x).nonzero().tolist()[:5]}"
     worst = int(x.argmax())
     assert float(x.max()) <= bound, f"{what}: worst {float(x.max()):.3g} at {worst} > {bound:.3g}"
@@ -81,6 +85,31 @@ def test_known_spectrum(n, k, kind, dtype, tol, backend):
     e = topk_eigh(A, k, tol=tol, method="krylov", backend=backend)
     check_eig(A, e, lam, tol, k)
     assert e.backend == backend and e.method == "krylov" and e.values.dtype == dtype
+
+
+@pytest.mark.parametrize("method", ["krylov", "nystrom", "dense"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind, n, k", [("power3", 601, 20), ("geometric", 512, 24)])
+def test_default_certifies_each_value(kind, n, k, dtype, backend, method):
+    # Fast decay: the smaller top-k eigenvalues are far below tol * lambda_max, and each is
+    # certified relative to itself unless its residual stalled at the precision's noise.
+    tol = 1e-4  # the default
+    A = with_spectrum(spectra(kind, n), dtype)
+    w = torch.linalg.eigvalsh(A.double()).flip(0)[:k]  # the stored matrix's eigenvalues
+    e = topk_eigh(A, k, method=method, backend=backend)
+    assert e.converged and e.errors.dtype == torch.float64 and e.errors.shape == (k,)
+    theta, err = e.values.double(), (e.values.double() - w).abs()
+    # eigvalsh's own error, a few eps64 ||A||, is the only slack.
+    slack = 8 * math.sqrt(n) * 2**-52 * float(w[0])
+    assert_small((err - e.errors * theta.abs()).clamp_min(0), slack, "error beyond its bound")
+    noise = 64 * max(torch.finfo(dtype).eps, math.sqrt(n) * 2**-52) * e.norm
+    short = e.errors > tol
+    assert_small(e.residuals.double()[short] * e.norm, noise, "uncertified pair above noise")
+    # Well above the noise every value is certified, and right, to tol relative to itself.
+    clear = w >= 1e-3 * w[0]
+    assert not short[clear].any() and int(clear.sum()) >= 9
+    assert_small((err / w)[clear], tol, "relative error")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import gpt2, random_lengths, roberta_classifier, roberta_mlm, token_batch
+from models import (
+    VOCAB,
+    architecture,
+    gpt2,
+    random_lengths,
+    roberta_classifier,
+    roberta_mlm,
+    token_batch,
+)
 
 import linft
 
@@ -67,11 +75,13 @@ def test_output_not_a_function_of_the_parameters(model, batch):
 
 
 def _on_second_block(transform):
-    """An output that applies ``transform`` to the logits of the second block only."""
+    """An output that applies ``transform`` to the logits of the second block only (of
+    two samples: the self-check's one-sample forwards do not count)."""
     calls = []
 
     def output(out, b):
-        calls.append(1)
+        if out.logits.shape[0] == 2:
+            calls.append(1)
         return transform(out.logits) if len(calls) == 2 else out.logits
 
     return output
@@ -126,7 +136,7 @@ def test_triton_backend_without_a_gpu_is_an_error(model, batch, monkeypatch):
 
 
 def test_inputs_of_the_wrong_type(model):
-    with pytest.raises(TypeError, match="mapping of tensors"):
+    with pytest.raises(TypeError, match=r"mapping such as \{'input_ids': ids"):
         linft.ntk(model, torch.zeros(3, 4))
 
 
@@ -141,3 +151,63 @@ def test_last_token_rejects_empty_rows():
     batch["attention_mask"][1] = 0
     with pytest.raises(ValueError, match="all zeros"):
         linft.ntk(model, batch, output=output)
+
+
+# ----- values the model cannot take ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, length, fits",
+    [("gpt2", 41, 40), ("roberta_cls", 39, 38)],  # RoBERTa's positions start at pad id + 1
+)
+def test_sequence_longer_than_the_positions(arch, length, fits):
+    model, output = architecture(arch)
+    pad = model.config.pad_token_id or 0
+    with pytest.raises(ValueError, match=rf"sample 1 is {length} tokens.*max_length={fits}\)"):
+        linft.ntk(model, token_batch([4, length, 3], pad_id=pad), output=output)
+    K = linft.ntk(model, token_batch([fits, 2], pad_id=pad), output=output)  # the longest that fits
+    assert torch.isfinite(K).all()
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("input_ids", VOCAB, r"input_ids 97 at position 2.*resize_token_embeddings"),
+        ("input_ids", -100, r"input_ids -100 at position 2.*pad token id"),
+        ("token_type_ids", 2, r"token_type_ids 2 at position 2.*in \[0, 2\)"),
+    ],
+)
+def test_ids_out_of_range_name_the_sample(model, key, value, words):
+    batch = token_batch([5, 4, 6], pad_id=1)
+    batch.setdefault(key, torch.zeros_like(batch["input_ids"]))[2, 2] = value
+    with pytest.raises(ValueError, match=rf"sample 2 has {words}"):
+        linft.ntk(model, batch, batch_size=2)
+
+
+def test_meta_tensors(batch):
+    with pytest.raises(ValueError, match=r"'input_ids' is on the meta device.*real tensors"):
+        linft.ntk(roberta_classifier(), {k: v.to("meta") for k, v in batch.items()})
+    with torch.device("meta"):
+        empty = roberta_classifier()
+    with pytest.raises(ValueError, match=r"meta device.*load_state_dict"):
+        linft.ntk(empty, batch)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["lora_B", "frozen"])
+def test_non_finite_weight_is_named(model, batch, value, which):
+    layer = "base_model.model.roberta.encoder.layer"
+    name = {
+        "lora_B": f"{layer}.1.attention.self.value.lora_B.default.weight",
+        "frozen": f"{layer}.0.output.dense.weight",
+    }[which]
+    with torch.no_grad():
+        dict(model.named_parameters())[name][1, 0] = value
+    with pytest.raises(ValueError, match=rf"'{name}' holds NaN or inf.*reload"):
+        linft.ntk(model, batch)
+
+
+def test_mask_that_does_not_fit_the_ids(model, batch):
+    batch["attention_mask"] = batch["attention_mask"][:, :-1]
+    with pytest.raises(ValueError, match="pass the mask the tokenizer returned"):
+        linft.ntk(model, batch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import assert_rel_close, gram
+from checks import TAU_FP64, assert_rel_close, gram
 from models import (
     ARCHITECTURES,
     LABEL_WORDS,
@@ -59,7 +59,7 @@ def test_kernels_and_output_modes_in_float64(kernel, outputs):
     batch = architecture_batch("roberta_cls", 4)
     K = linft.ntk(model, batch, kernel=kernel, outputs=outputs, batch_size=3)
     J = reference_jacobian(model, batch, linft.outputs.logits(), trainable_names(model))
-    expected = gram(J, J, kernel)
+    expected = gram(J, J, kernel, TAU_FP64)
     if outputs == "trace":
         expected = torch.einsum("icjc->ij", expected)
     assert K.dtype == torch.float64
@@ -101,6 +101,7 @@ def test_cross_trace_with_asymmetric_kernel():
             reference_jacobian(model, a, out, names),
             reference_jacobian(model, b, out, names),
             "asym_signgd",
+            TAU_FP64,
         ),
     )
     assert_rel_close(K, expected, 1e-10, "cross asym trace")

@@ -117,6 +117,25 @@ def test_float32_kernels_accepted():
     assert a.groups == b.groups
 
 
+@pytest.mark.parametrize("n, ranks", [(40, [5, 8, 12]), (37, [3, 9, 6, 11])])
+def test_float32_singular_kernels_judged_at_float32(n, ranks):
+    # Group Grams accumulated in float32 whose ranks sum below n: every K_S is singular,
+    # although its rounding-level eigenvalues pass float64's n * eps.
+    mats = {f"g{i}": (lambda J: J @ J.T)(torch.randn(n, r)) for i, r in enumerate(ranks)}
+    total = sum(K.double() for K in mats.values())
+    ev = torch.linalg.eigvalsh(total)
+    assert float(ev.abs().min()) > n * torch.finfo(torch.float64).eps * float(ev[-1])
+    with pytest.warns(RuntimeWarning, match="ridge"):
+        sel = select_from_kernels(mats, budget=len(ranks))
+    assert all(math.isinf(k) for k in sel.condition_numbers)
+    assert all(row["condition_number"] == math.inf for row in sel.table.values())
+    assert all(row["lambda_min"] == 0.0 for row in sel.table.values())
+    # With a ridge: lambda_min(K_S) is 0 at float32, kappa = (lambda_max + ridge) / ridge.
+    ridge = 1e-2
+    sel = select_from_kernels(mats, budget=len(ranks), ridge=ridge)
+    assert sel.condition_numbers[-1] == pytest.approx((float(ev[-1]) + ridge) / ridge, rel=1e-9)
+
+
 def test_custom_score_and_maximize():
     mats = group_kernels(6, 1, [1, 6, 3, 9])
     traces = {g: K.trace().item() for g, K in mats.items()}

@@ -8,8 +8,16 @@ its per-sample Jacobian columns:
   for every active adapter (papers.md, "LoRA structure");
 - ``LinearUnit``: a plain ``nn.Linear`` / ``Conv1D`` (a head, full fine-tuning):
   ``dW = sum_t g_t x_t^T``, ``db = sum_t g_t``;
-- generic: anything else (norms, embeddings, tied or DoRA weights) gets exact
-  per-sample gradients from one backward per sample and output.
+- generic: anything else (norms, embeddings, tied or DoRA weights), and any unit
+  whose activations hold no sample dimension that an exact rule can read
+  (``layouts.probe``), gets exact per-sample gradients from one backward per
+  sample and output.
+
+Each unit carries the ``Layout`` of its activations: where the samples are
+(``[n, T, d]``, ``[T, n, d]``, ``[n*T, d]``, ...), learned by ``layouts.probe``
+from how the shapes follow the number of samples; ``samples_first`` views a
+captured activation as ``[n, tokens, d]`` by that layout and raises, naming the
+module, when a shape contradicts it.
 
 The backward passes ask autograd only for the gradients at the captured module
 outputs, so they stop at the earliest selected module and never form weight
@@ -19,6 +27,7 @@ gradients.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +44,40 @@ def _conv1d_class() -> type | None:
     return Conv1D
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the samples sit in a hooked module's input ``x`` (its output ``y`` has the same
+    layout, only the last dimension differs).
+
+    Dimension ``dim`` holds them: ``n`` entries (``order`` None: ``[n, T, d]`` at ``dim`` 0,
+    sequence-first ``[T, n, d]`` at 1), or ``n`` blocks of ``tokens`` rows merged into one
+    dimension (``order="sample"``: sample-major ``[n*T, d]``; ``"token"``: token-major
+    ``[T*n, d]``), ``tokens`` None meaning the batch's sequence length ``T``. ``rank`` is
+    ``x.dim()`` on every call (None: any).
+    """
+
+    dim: int = 0
+    rank: int | None = None
+    order: str | None = None
+    tokens: int | None = None
+
+    def describe(self) -> str:
+        if self.order is None and self.dim == 0:
+            return "samples leading, [n, ...]"
+        rank = self.rank or self.dim + 2
+        names = ["."] * rank
+        names[-1] = "d"
+        if self.order is None:
+            names[self.dim] = "n"
+        else:
+            k = "T" if self.tokens is None else str(self.tokens)
+            names[self.dim] = f"n*{k}" if self.order == "sample" else f"{k}*n"
+        return f"[{', '.join(names)}]"
+
+
+LEADING = Layout()
+
+
 @dataclass
 class LinearUnit:
     """A plain linear module whose weight and/or bias are selected."""
@@ -44,6 +87,7 @@ class LinearUnit:
     col_W: int | None = None
     col_b: int | None = None
     transposed: bool = False  # Conv1D stores its weight as [d_in, d_out]
+    layout: Layout = LEADING
 
 
 @dataclass
@@ -53,6 +97,7 @@ class LoraUnit:
     name: str
     module: nn.Module
     cols: dict[str, list[int | None]] = field(default_factory=dict)
+    layout: Layout = LEADING
 
 
 @dataclass
@@ -60,9 +105,13 @@ class Plan:
     units: list[LinearUnit | LoraUnit]
     generic: list[tuple[str, int, int]]  # (parameter name, first column, numel)
     num_columns: int
+    # modules moved from units to generic because no fused rule reads their layout: reason
+    fallback: dict[str, str] = field(default_factory=dict)
 
     def generic_modules(self) -> list[str]:
-        return sorted({n.rsplit(".", 1)[0] for n, _, _ in self.generic})
+        """Owners of the parameters that are generic by kind (not moved by ``fallback``)."""
+        moved = tuple(f"{m}." for m in self.fallback)
+        return sorted({n.rsplit(".", 1)[0] for n, _, _ in self.generic if not n.startswith(moved)})
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -151,10 +200,12 @@ class _Call:
 
 
 class Capture:
-    """Forward hooks recording each unit's input and output while enabled."""
+    """Forward hooks recording each unit's input and output while enabled; ``keep`` turns
+    each call into what is stored (the call itself by default), as it happens."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, keep: Callable[[_Call], object] | None = None):
         self.plan = plan
+        self.keep = keep or (lambda call: call)
         self.calls: list[list[_Call]] = [[] for _ in plan.units]
         self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -183,7 +234,7 @@ class Capture:
     def _linear_hook(self, i: int):
         def hook(module, args, kwargs, output):
             if self.enabled:
-                self.calls[i].append(_Call(self._input(args, kwargs).detach(), output))
+                self.calls[i].append(self.keep(_Call(self._input(args, kwargs).detach(), output)))
 
         return hook
 
@@ -202,20 +253,73 @@ class Capture:
                 return  # the adapters do not take part in this forward
             active = tuple(a for a in module.active_adapters if a in unit.cols)
             if active:
-                self.calls[i].append(_Call(self._input(args, kwargs).detach(), output, active))
+                call = _Call(self._input(args, kwargs).detach(), output, active)
+                self.calls[i].append(self.keep(call))
 
         return hook
 
 
-def _tokens(t: torch.Tensor, n: int, where: str) -> torch.Tensor:
-    """View a captured activation as [n, T, d]."""
-    if t.dim() < 2 or t.shape[0] != n:
+def sequence_length(batch) -> int | None:
+    """The padded sequence length ``T`` of a batch: what a merged ``[n*T, d]`` layout
+    follows and what the attention mask's tokens are."""
+    for key in ("attention_mask", "input_ids", "inputs_embeds"):
+        t = batch.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.shape[1]
+    return None
+
+
+def _fits(t: torch.Tensor, layout: Layout, n: int, T: int | None) -> bool:
+    rank = t.dim()
+    if rank < 2 or layout.dim >= rank - 1 or layout.rank not in (None, rank):
+        return False
+    size = t.shape[layout.dim]
+    if layout.order is None:
+        return size == n
+    k = T if layout.tokens is None else layout.tokens
+    return k is not None and size == n * k
+
+
+def samples_first(
+    t: torch.Tensor, layout: Layout, n: int, T: int | None, where: str
+) -> tuple[torch.Tensor, bool]:
+    """View an activation as ``[n, tokens, d]`` by ``layout``; also whether its tokens come
+    from one dimension (so that they can line up with the attention mask's)."""
+    if not _fits(t, layout, n, T):
+        length = "" if T is None else f" of length {T}"
         raise ValueError(
-            f"{where}: activation of shape {tuple(t.shape)} has no leading sample dimension of "
-            f"size {n}, so per-sample Jacobians cannot be read off it; select this module's "
-            "parameters out of params, or file an issue with the model class"
+            f"{where}: activation of shape {tuple(t.shape)} does not have the layout "
+            f"{layout.describe()} that probing the inputs found, for a block of {n} samples"
+            f"{length}, so its samples cannot be told apart; feed batches that the model "
+            "treats alike (one mapping), or leave this module out with params=..."
         )
-    return t.reshape(n, -1, t.shape[-1]) if t.dim() != 2 else t.unsqueeze(1)
+    s = layout.dim
+    if layout.order is None:
+        t = t.movedim(s, 0)
+    else:
+        k = T if layout.tokens is None else layout.tokens
+        sample_major = layout.order == "sample"
+        t = t.unflatten(s, (n, k) if sample_major else (k, n))
+        t = t.movedim(s if sample_major else s + 1, 0)
+    if t.dim() == 2:
+        return t.unsqueeze(1), False
+    return t.reshape(n, -1, t.shape[-1]), t.dim() == 3
+
+
+def _token_mask(
+    mask: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, one_axis: bool
+) -> torch.Tensor | None:
+    """The tokens to keep: real ones, and any padded one whose output gradient is not zero.
+
+    Masking a token whose gradient is zero changes no number (every Jacobian term is
+    bilinear in ``g``); it only drops non-finite activations at padded positions. A token
+    with a non-zero gradient is kept even where the mask says padding: the mask does not
+    line up with these tokens (e.g. a decoder's), or the padding changes the output, and
+    either way dropping it would change the Jacobian of the input as given.
+    """
+    if mask is None or not one_axis or x.shape[1] != mask.shape[1]:
+        return None
+    return mask.bool() | g.ne(0).any(dim=3).any(dim=1)
 
 
 def unit_tensors(
@@ -224,27 +328,30 @@ def unit_tensors(
     n: int,
     attention_mask: torch.Tensor | None,
     where: str,
+    layout: Layout = LEADING,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Concatenate a unit's calls along the token axis: x [n, T, d_in], g [n, C, T, d_out], mask.
 
-    A module called several times in one forward contributes the sum over its
-    calls, which is the sum over the concatenated tokens.
+    Each call is read by the unit's ``layout`` (``seq_len``: the block's sequence length).
+    A module called several times in one forward contributes the sum over its calls,
+    which is the sum over the concatenated tokens.
     """
     xs, gs, masks = [], [], []
     for call, g_call in zip(calls, grads, strict=True):
-        x = _tokens(call.x, n, where)
+        x, one_axis = samples_first(call.x, layout, n, seq_len, where)
         g = torch.stack(
-            [torch.zeros_like(call.y) if g is None else g for g in g_call], dim=1
-        )  # [n, C, *y.shape[1:]]
-        g = g.reshape(n, g.shape[1], x.shape[1], -1)
+            [
+                samples_first(
+                    torch.zeros_like(call.y) if g is None else g, layout, n, seq_len, where
+                )[0]
+                for g in g_call
+            ],
+            dim=1,
+        )  # [n, C, tokens, d_out]
         xs.append(x)
         gs.append(g)
-        aligned = (
-            attention_mask is not None
-            and call.x.dim() == 3
-            and call.x.shape[1] == attention_mask.shape[1]
-        )
-        masks.append(attention_mask.bool() if aligned else None)
+        masks.append(_token_mask(attention_mask, x, g, one_axis))
     if all(m is None for m in masks):
         mask = None
     else:

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from ..backends import Ops
 from .batches import Batch, batch_size, slice_batch, to_device
-from .capture import Capture, LoraUnit, Plan, unit_tensors, warn_unused
+from .capture import Capture, LoraUnit, Plan, sequence_length, unit_tensors, warn_unused
 
 
 class JacobianEngine:
@@ -44,7 +44,7 @@ class JacobianEngine:
             self.tensors[name] = t.requires_grad_(True) if name in chosen else t
         self.num_outputs: int | None = None
         self._warned_unused = False
-        if plan.generic:
+        if plan.generic_modules():
             warnings.warn(
                 f"parameters of {plan.generic_modules()} are not LoRA or linear weights: they "
                 "take the exact but slow per-sample autograd path (one backward per sample "
@@ -127,13 +127,20 @@ class JacobianEngine:
                 grads[k].append(next(it) if need else None)
         del ys
         mask = batch.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) else None
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        seq_len = sequence_length(batch)
         for u, unit in enumerate(self.plan.units):
             idx = [k for k, (uu, _) in enumerate(calls) if uu == u]
             if not idx:
                 continue
             x, g, m = unit_tensors(
-                [calls[k][1] for k in idx], [grads[k] for k in idx], n, mask, unit.name
+                [calls[k][1] for k in idx],
+                [grads[k] for k in idx],
+                n,
+                mask,
+                unit.name,
+                unit.layout,
+                seq_len,
             )
             if isinstance(unit, LoraUnit):
                 active = {a for k in idx for a in calls[k][1].adapters}

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 from ..backends import compute_dtype, kernel_dtype, matmul_precision, resolve_ops
 from ..outputs import default_output
 from ..params import ParamSpec, column_offsets, group_columns, parameter_dtype, select_params
-from . import layouts, validate, verify
+from . import layouts, signs, validate
 from .batches import Batch, blocks, check_same_keys, split
 from .capture import build_plan
-from .checkpoint import Checkpoint, fingerprint
+from .checkpoint import Checkpoint, computation_parts
 from .engine import JacobianEngine, iterate_blocks
 from .gram import OUTPUTS, assemble, kernel_signs
-from .model_state import evaluation_mode
+from .model_state import run_context
 from .store import JacobianStore, store_budget
+from .verify import checked as self_checked
 
 Inputs = Batch | Iterable[Batch]
 
@@ -59,14 +60,6 @@ def block_size(batch_size, device: torch.device, num_columns: int, dtype: torch.
     return int(max(1, min(_MAX_GPU_BLOCK, 0.2 * free // max(per_sample, 1))))
 
 
-def _as_signs(stream, kernel: str):
-    """SignGD reads only signs: keep J as int8 signs (4x less memory than fp32, exact, and
-    the int8 tensor-core path of the Triton Gram)."""
-    if kernel != "signgd":
-        return stream
-    return ((s, None if J is None else torch.sign(J).to(torch.int8), d) for s, J, d in stream)
-
-
 def _progress(progress, total: int):
     if progress is False:
         return None
@@ -89,6 +82,7 @@ class Job:
     precision: str
     output: Callable
     backend: str = "auto"  # as asked: "auto" may move off a fast path that fails its check
+    verify: bool = True  # the self-check of the first block (verify.py)
 
     @classmethod
     def create(cls, model, *, params, output, precision, backend, batch_size, device) -> Job:
@@ -121,31 +115,52 @@ def prepare(
     backend,
     batch_size,
     device,
+    verify: bool = True,
 ) -> tuple[Job, list[Batch], int, list[Batch] | None, int]:
     """The job and the checked batches: ``(job, batches, N, batches2, M)`` (M = N without
-    ``inputs2``). The layout of every hooked module is learned from the first batch."""
+    ``inputs2``). The layout of every hooked module is learned from a few samples
+    (``layouts.probe``)."""
     job = Job.create(
         model, params=params, output=output, precision=precision, backend=backend,
         batch_size=batch_size, device=device,
     )  # fmt: skip
-    job.backend = backend
-    batches, n_rows = split(inputs, "inputs")
+    job.backend, job.verify = backend, bool(verify)
+    batches, n_rows = split(inputs, "inputs", validate.pad_token_id(model))
     validate.check_batches(model, batches, "inputs")
     batches2, n_cols = None, n_rows
     if inputs2 is not None:
-        batches2, n_cols = split(inputs2, "inputs2")
+        batches2, n_cols = split(inputs2, "inputs2", validate.pad_token_id(model))
         validate.check_batches(model, batches2, "inputs2")
         check_same_keys(batches, batches2)
-    job.plan = layouts.probe(job, batches[0])
+    batches = _without_inference_tensors(batches)
+    batches2 = None if batches2 is None else _without_inference_tensors(batches2)
+    job.plan = layouts.probe(job, batches + (batches2 or []))
     return job, batches, n_rows, batches2, n_cols
 
 
-def _open_checkpoint(directory, job: Job, settings: dict, batches: list) -> Checkpoint:
-    """The checkpoint of exactly this computation: settings, inputs and every parameter value."""
-    tensors = [t for b in batches for t in b.values() if isinstance(t, torch.Tensor)]
-    settings = {**settings, "params": [n for n, _ in job.selected]}
-    key = fingerprint(settings, tensors + list(job.model.parameters()))
-    return Checkpoint(directory, key, job.block_size)
+def _without_inference_tensors(batches: list[Batch]) -> list[Batch]:
+    """Copies of tensors made under ``torch.inference_mode()``: autograd cannot save those."""
+    return [
+        {
+            k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+            for k, v in b.items()
+        }
+        if any(isinstance(v, torch.Tensor) and v.is_inference() for v in b.values())
+        else b
+        for b in batches
+    ]
+
+
+def _open_checkpoint(
+    directory, job: Job, settings: dict, batches: list, output, meta_name: str | None = None
+) -> Checkpoint:
+    """The checkpoint of exactly this computation: settings, output function, model (class,
+    config, modules, LoRA state, weights), inputs and linft's version. ``meta_name``: this
+    process's meta file when several share the directory (``distributed.py``)."""
+    settings = {**settings, "params": [n for n, _ in job.selected], "dtype": str(job.dtype)}
+    parts = computation_parts(settings, output or default_output, job.model, batches)
+    meta = {} if meta_name is None else {"meta_name": meta_name}
+    return Checkpoint(directory, parts, job.block_size, cross=settings["cross"], **meta)
 
 
 def kernels(
@@ -166,58 +181,119 @@ def kernels(
     checkpoint,
     jacobian_memory,
     groups: str | Callable[[str], str] | None,
-) -> dict[str, torch.Tensor]:
-    """The kernel of each column group (one group ``"all"`` when ``groups`` is None)."""
+    verify: bool = True,
+    group=None,
+    out: str = "full",
+) -> dict[str, torch.Tensor] | None:
+    """The kernel of each column group (one group ``"all"`` when ``groups`` is None).
+    ``group``/``out``: the ranks of a process group share the run (``distributed.py``;
+    None on ranks other than 0 for ``out="full"``)."""
     kernel_signs(kernel)  # validate before any work
     if outputs not in OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
+    from . import distributed  # it imports this module
+
+    pg = distributed.resolve_group(group)
+    if pg is not None or out != "full":
+        return distributed.kernels(
+            model, inputs, inputs2, group=pg, out=out, output=output, params=params,
+            kernel=kernel, outputs=outputs, precision=precision, backend=backend,
+            batch_size=batch_size, device=device, out_device=out_device, progress=progress,
+            checkpoint=checkpoint, jacobian_memory=jacobian_memory, groups=groups, verify=verify,
+        )  # fmt: skip
+    with run_context(model, matmul_precision(precision)):
+        return _kernels(
+            model, inputs, inputs2, output=output, params=params, kernel=kernel,
+            outputs=outputs, precision=precision, backend=backend, batch_size=batch_size,
+            device=device, out_device=out_device, progress=progress, checkpoint=checkpoint,
+            jacobian_memory=jacobian_memory, groups=groups, verify=verify,
+        )  # fmt: skip
+
+
+class _CurrentOps:
+    """The job's ops as they are at each call: the self-check may move a run off a fast
+    path after the tiles' consumer was set up."""
+
+    def __init__(self, job: Job):
+        self._job = job
+
+    def __getattr__(self, name: str):
+        return getattr(self._job.ops, name)
+
+
+def _kernels(
+    model,
+    inputs,
+    inputs2,
+    *,
+    output,
+    params,
+    kernel,
+    outputs,
+    precision,
+    backend,
+    batch_size,
+    device,
+    out_device,
+    progress,
+    checkpoint,
+    jacobian_memory,
+    groups,
+    verify,
+) -> dict[str, torch.Tensor]:
     job, batches, n_rows, batches2, n_cols = prepare(
         model, inputs, inputs2, params=params, output=output, precision=precision,
-        backend=backend, batch_size=batch_size, device=device,
+        backend=backend, batch_size=batch_size, device=device, verify=verify,
     )  # fmt: skip
     kdtype = kernel_dtype(parameter_dtype(model))
     num_columns = job.plan.num_columns
     spans = (
         {"all": [slice(0, num_columns)]} if groups is None else group_columns(job.selected, groups)
     )
-    out_dev = job.device if out_device is None else torch.device(out_device)
+    in_file = isinstance(out_device, str) and out_device == "checkpoint"
+    if in_file and checkpoint is None:
+        raise ValueError("out_device='checkpoint' is K in the file of checkpoint=DIR; pass both")
+    out_dev = job.device if out_device is None or in_file else torch.device(out_device)
     ckpt, size = None, job.block_size
     if checkpoint is not None:
         settings = dict(kernel=kernel, outputs=outputs, precision=precision, groups=spans,
-                        rows=n_rows, cols=n_cols, cross=inputs2 is not None)  # fmt: skip
-        ckpt = _open_checkpoint(checkpoint, job, settings, batches + (batches2 or []))
+                        rows=n_rows, cols=n_cols, cross=inputs2 is not None,
+                        kernel_dtype=str(kdtype))  # fmt: skip
+        ckpt = _open_checkpoint(checkpoint, job, settings, batches + (batches2 or []), output)
         size = ckpt.block_size  # the block boundaries of the first run
-        out_dev = torch.device("cpu")  # the memory-mapped file
 
     def allocate(name: str, per: int) -> torch.Tensor:
         if ckpt is not None:
-            return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype)
+            return ckpt.kernel(name, n_rows * per, n_cols * per, kdtype, per)
         return torch.empty(n_rows * per, n_cols * per, dtype=kdtype, device=out_dev)
 
     store = JacobianStore(job.device, store_budget(job.device, jacobian_memory))
     bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
-    with evaluation_mode(model), matmul_precision(precision):
-        engine = job.engine()
+    engine = job.engine()
+    tau = signs.sign_threshold(precision, job.dtype)
 
-        def stream(side: str, parts, keep: bool):
-            if ckpt is None:
-                found = iterate_blocks(engine, blocks(parts, size), bar)
-            else:
-                load = (lambda s: ckpt.load(side, s)) if keep else None
-                found = iterate_blocks(engine, blocks(parts, size), bar, ckpt.finished(side), load)
-            return _as_signs(verify.checked(found, engine, job), kernel)
+    def stream(side: str, parts, keep: bool):
+        listed = blocks(parts, size)
+        if ckpt is None:
+            found = iterate_blocks(engine, listed, bar)
+        else:
+            load = (lambda s: ckpt.load(side, s)) if keep else None
+            found = iterate_blocks(engine, listed, bar, ckpt.finished(side), load)
+        found = self_checked(found, engine, job, listed, n_rows + n_cols, kernel, tau)
+        return signs.for_kernel(found, kernel, tau)
 
-        rows = stream("rows", batches, keep=inputs2 is None)
-        cols = None if batches2 is None else stream("cols", batches2, keep=True)
-        finish = None if ckpt is None else ckpt.finish
-        try:
-            K, C = assemble(
-                rows, cols, spans, kernel, outputs, job.ops, kdtype, store, allocate, finish
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+    rows = stream("rows", batches, keep=inputs2 is None)
+    cols = None if batches2 is None else stream("cols", batches2, keep=True)
+    finish = None if ckpt is None else ckpt.finish
+    ops = _CurrentOps(job)
+    try:
+        K, C = assemble(rows, cols, spans, kernel, outputs, ops, kdtype, store, allocate, finish)
+    finally:
+        if bar is not None:
+            bar.close()
     shape = (n_rows, n_cols) if outputs == "trace" or C == 1 else (n_rows, C, n_cols, C)
+    if ckpt is not None and not in_file:  # a copy: editing K must not edit the checkpoint
+        K = {name: k.to(out_dev, copy=True) for name, k in K.items()}
     return {name: k.view(shape) for name, k in K.items()}
 
 
@@ -231,13 +307,27 @@ def jacobian(
     batch_size,
     backend: str,
     device,
+    verify: bool = True,
+    group=None,
+    out: str = "full",
 ) -> torch.Tensor:
-    """The per-sample Jacobian ``[N, C, P]`` of every input, in input order."""
-    job, batches, _, _, _ = prepare(
-        model, inputs, None, params=params, output=output, precision=precision,
-        backend=backend, batch_size=batch_size, device=device,
-    )  # fmt: skip
-    with evaluation_mode(model), matmul_precision(precision):
+    """The per-sample Jacobian ``[N, C, P]`` of every input, in input order (``group``,
+    ``out``: as for ``kernels``; ``out="shard"`` gives a ``linft.sharded.JacobianShard``)."""
+    from . import distributed  # it imports this module
+
+    pg = distributed.resolve_group(group)
+    if pg is not None or out != "full":
+        return distributed.jacobian(
+            model, inputs, group=pg, out=out, output=output, params=params,
+            precision=precision, batch_size=batch_size, backend=backend, device=device,
+            verify=verify,
+        )  # fmt: skip
+    with run_context(model, matmul_precision(precision)):
+        job, batches, n, _, _ = prepare(
+            model, inputs, None, params=params, output=output, precision=precision,
+            backend=backend, batch_size=batch_size, device=device, verify=verify,
+        )  # fmt: skip
         engine = job.engine()
-        found = verify.checked(iterate_blocks(engine, blocks(batches, job.block_size)), engine, job)
+        listed = blocks(batches, job.block_size)
+        found = self_checked(iterate_blocks(engine, listed), engine, job, listed, n)
         return torch.cat([J for _, J, _ in found], dim=0)

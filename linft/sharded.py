@@ -1,0 +1,273 @@
+"""Kernels held in pieces by the ranks of a process group, as operators for the eigensolver.
+
+``KernelShard``: rank r's rows of K (``ntk(..., out="shard")``). As an operator,
+``K X`` is each rank's ``K_r X`` gathered: one all-gather of ``[N C, m]`` per product.
+
+``JacobianShard``: rank r's rows of J (``jacobian(..., out="shard")``); ``.kernel()`` is
+the matrix-free operator ``K X = J (J^T X)`` (Jacot et al. 2018; the empirical NTK of
+Malladi et al. 2023): one all-reduce of ``J^T X`` (``[P, m]``) and one all-gather of the
+rows ``J_r (J^T X)`` per product, so K is never formed anywhere.
+
+Every rank gets the same product, so every rank runs the same deterministic solver
+(``topk_eigh`` with a seed) and finds the same eigenpairs. ``spectrum`` summarises
+either (``linft.spectrum`` hands them here).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .eig import topk_eigh
+
+
+def _product_check(Y: Tensor, X: Tensor, comm, counts: list[int], what: str) -> Tensor:
+    """The rows of every rank gathered, checking that every rank multiplied the same X
+    (the column sums of X travel as one extra row)."""
+    if comm is None:
+        return Y
+    sums = X.sum(0, keepdim=True).to(Y.dtype).to(Y.device)
+    full = comm.all_gather_rows(torch.cat([Y, sums]), [c + 1 for c in counts], what)
+    ends = torch.tensor([c + 1 for c in counts]).cumsum(0).tolist()
+    tags = full[[e - 1 for e in ends]]
+    if not bool((tags == tags[0]).all()):
+        raise ValueError(
+            "the ranks multiplied a sharded kernel by different X: call topk_eigh / spectrum "
+            "on every rank with the same arguments and seed= (linft.spectrum passes seed=0)"
+        )
+    keep = torch.ones(full.shape[0], dtype=torch.bool)
+    keep[[e - 1 for e in ends]] = False
+    return full[keep.to(full.device)]
+
+
+@dataclass
+class KernelShard:
+    """Rank ``comm.rank``'s rows of a kernel matrix ``[N*per, M*per]`` (``per`` = C, or 1
+    for traces and C = 1): ``local`` holds rows ``rows`` (samples ``start`` ..). A
+    symmetric one is an operator (``shape``, ``dtype``, ``device``, ``matmul``) for
+    ``topk_eigh`` and ``spectrum``; ``full()`` gathers K on every rank."""
+
+    local: Tensor
+    start: int
+    n_rows: int
+    n_cols: int
+    per: int
+    counts: list[int]  # rows of each rank
+    comm: object = None
+    symmetric: bool = True
+
+    @classmethod
+    def whole(cls, K: Tensor, symmetric: bool) -> KernelShard:
+        """The kernel of one process (``[N, C, M, C]`` or ``[N, M]``) as its only shard."""
+        per = K.shape[1] if K.dim() == 4 else 1
+        M = K.reshape(K.shape[0] * per, -1)
+        n_cols = M.shape[1] // per
+        return cls(M, 0, K.shape[0], n_cols, per, [M.shape[0]], None, symmetric)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows * self.per, self.n_cols * self.per)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of the kernel matrix."""
+        r0 = self.start * self.per
+        return slice(r0, r0 + self.local.shape[0])
+
+    def _square(self) -> None:
+        if not self.symmetric or self.shape[0] != self.shape[1]:
+            raise ValueError(
+                "this kernel is not symmetric (a cross kernel K(X, X2), or asym_signgd); the "
+                "spectrum needs a symmetric K(X, X)"
+            )
+
+    def matmul(self, X: Tensor) -> Tensor:
+        """``K @ X`` (X ``[N*per, m]``, the same on every rank), the same on every rank."""
+        self._square()
+        Y = self.local @ X.to(self.local.device, self.local.dtype)
+        return _product_check(Y, X, self.comm, self.counts, "multiplying a sharded kernel")
+
+    def trace(self) -> float:
+        self._square()
+        r = self.rows
+        t = self.local[:, r].diagonal().double().sum().reshape(1)
+        if self.comm is not None:
+            t = self.comm.all_reduce(t, "summing the trace")
+        return float(t)
+
+    def full(self) -> Tensor:
+        """The whole kernel matrix on every rank (one all-gather: for kernels that fit)."""
+        if self.comm is None:
+            return self.local
+        return self.comm.all_gather_rows(self.local, self.counts, "gathering the kernel")
+
+
+@dataclass
+class JacobianShard:
+    """Rank ``comm.rank``'s rows of the Jacobian ``[N, C, P]``: samples ``start`` ..
+    ``start + local.shape[0]`` (``jacobian(..., out="shard")``)."""
+
+    local: Tensor
+    start: int
+    n_samples: int
+    counts: list[int]  # samples of each rank
+    comm: object = None
+
+    def kernel(self, kernel: str = "sgd", outputs: str = "full") -> KernelOperator:
+        """The matrix-free kernel ``K X = J (J^T X)`` (``"sgd"``) or ``sign J (sign J^T X)``
+        (``"signgd"``); ``outputs="trace"`` sums the outputs' kernels."""
+        if kernel not in ("sgd", "signgd"):
+            raise ValueError(
+                f"kernel={kernel!r} is not symmetric (or unknown); the operator is 'sgd' or "
+                "'signgd'"
+            )
+        if outputs not in ("full", "trace"):
+            raise ValueError(f"unknown outputs {outputs!r}; choose 'full' or 'trace'")
+        return KernelOperator(self, kernel, outputs)
+
+
+class KernelOperator:
+    """``X -> K X`` from row-sharded Jacobians, never forming K (see the module docstring).
+
+    ``matmul``: ``Z = sum_r J_r^T X_r`` (one all-reduce of ``[P, m]``, or ``[C, P, m]`` for
+    traces), then every rank's ``J_r Z`` gathered (one all-gather of ``[N*per, m]``)."""
+
+    def __init__(self, J: JacobianShard, kernel: str, outputs: str):
+        local = J.local
+        if kernel == "signgd":
+            local = torch.sign(local)
+        acc = torch.float64 if local.dtype == torch.float64 else torch.float32
+        self.J = local.to(acc)
+        self.shard, self.kernel, self.outputs = J, kernel, outputs
+        C = local.shape[1]
+        self.per = 1 if outputs == "trace" or C == 1 else C
+        self.traced = outputs == "trace" and C > 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.shard.n_samples * self.per
+        return (n, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.J.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.J.device
+
+    def matmul(self, X: Tensor) -> Tensor:
+        sh, J = self.shard, self.J
+        r0 = sh.start * self.per
+        Xr = X[r0 : r0 + J.shape[0] * self.per].to(J.device, J.dtype)
+        if self.traced:
+            Z = torch.einsum("ncp,nm->cpm", J, Xr)
+        else:
+            Z = J.reshape(-1, J.shape[-1]).t() @ Xr
+        if sh.comm is not None:
+            Z = sh.comm.all_reduce(Z, "summing J^T X over the ranks")
+        if self.traced:
+            Y = torch.einsum("ncp,cpm->nm", J, Z)
+        else:
+            Y = J.reshape(-1, J.shape[-1]) @ Z
+        counts = [c * self.per for c in sh.counts]
+        return _product_check(Y, X, sh.comm, counts, "multiplying a sharded Jacobian")
+
+    def trace(self) -> float:
+        t = (self.J.double() ** 2).sum().reshape(1)
+        if self.shard.comm is not None:
+            t = self.shard.comm.all_reduce(t, "summing the trace")
+        return float(t)
+
+    def full(self) -> Tensor:
+        """The whole kernel matrix on every rank, by products with the identity."""
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmul(eye[:, j : j + 1024]) for j in range(0, n, 1024)], 1)
+
+
+def is_sharded(K) -> bool:
+    return isinstance(K, (KernelShard, KernelOperator))
+
+
+def spectrum(
+    K,
+    *,
+    k: int | None = None,
+    ridge: float = 0.0,
+    rtol: float | None = None,
+    fit_range: tuple[int, int] | None = None,
+    dense_threshold: int = 8192,
+    tol: float | None = None,
+):
+    """``linft.spectrum`` of a ``KernelShard`` or ``KernelOperator``, the same on every rank.
+
+    Up to ``dense_threshold`` rows with ``k=None``: K is gathered on every rank and
+    ``linft.spectrum`` runs on it (every eigenvalue). Otherwise the top ``k`` eigenvalues
+    come from ``topk_eigh`` (residual ``tol``, default 1e-6 for float64 K, 1e-5 for
+    float32), ``lambda_min`` from ``topk_eigh(largest=False)``, the trace from the shards.
+    The floor ``tau`` is ``linft.spectrum``'s rounding floor with ``|| |K| ||_2 <= trace(K)``
+    (``|K_ij| <= sqrt(K_ii K_jj)`` for a PSD K): ``(8 u + n eps64) trace(K)``, raised to the
+    resolution of ``lambda_min`` (its residual times ``||K||_2``), or ``rtol * lambda_max``.
+    ``lambda_min <= tau``: K counts as singular (``condition_number`` inf without a ridge).
+    ``rank``: n above the floor, the count of top-k eigenvalues above ``tau`` when the k-th
+    is below it, else None (only every eigenvalue would tell).
+    """
+    from .spectrum import _threshold, summary
+    from .spectrum import spectrum as dense_spectrum
+
+    n = K.shape[0]
+    if isinstance(K, KernelShard):
+        K._square()
+    if not ridge >= 0:
+        raise ValueError(f"spectrum: ridge must be >= 0, got {ridge}")
+    if k is None:
+        if n > dense_threshold:
+            raise ValueError(
+                f"spectrum of a sharded kernel with n = {n} > dense_threshold = "
+                f"{dense_threshold} rows: pass k= (the top eigenvalues to compute)"
+            )
+        M = K.full()  # exactly symmetric for a shard; J (J^T I) up to rounding
+        return dense_spectrum((M + M.T) * 0.5, ridge=ridge, rtol=rtol, fit_range=fit_range)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
+        raise ValueError(f"spectrum: k must be an integer in [1, n = {n}] or None, got {k!r}")
+    dtype = K.dtype
+    tol = (1e-6 if dtype == torch.float64 else 1e-5) if tol is None else float(tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # how well lambda_min is resolved is judged below
+        top = topk_eigh(K, k, tol=tol, seed=0)
+        bottom = topk_eigh(K, 1, largest=False, tol=tol, seed=1)
+    eigs = top.values.double().cpu()
+    lmax, lmin = float(eigs[0]), float(bottom.values[0])
+    trace = K.trace()
+    u = torch.finfo(dtype).eps / 2
+    rounding = (8 * u + n * torch.finfo(torch.float64).eps) * max(trace, 0.0)
+    resolved = float(bottom.residuals[0]) * max(top.norm, abs(lmax))
+    floor, source = (
+        max(rounding, resolved),
+        (
+            f"rounding of K: (8 u + n eps64) trace(K), u = unit roundoff of {dtype}"
+            if rounding >= resolved
+            else "resolution of lambda_min: its residual times ||K||_2"
+        ),
+    )
+    tau, source = _threshold(floor, source, lmax, lmin, None if rtol is None else float(rtol))
+    if lmin > tau:
+        rank = n
+    elif float(eigs[-1]) <= tau:
+        rank = int((eigs > tau).sum())
+    else:
+        rank = None
+    return summary(eigs, lmax, lmin, lmin <= tau, rank, trace, tau, source, ridge, n, k == n,
+                   fit_range, eigs)  # fmt: skip
