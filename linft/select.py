@@ -11,7 +11,10 @@ hence ``kappa(K_S + K_l + rI) <= (lambda_max(K_S) + r + lambda_max(K_l)) /
 (lambda_min(K_S) + r + lambda_min(K_l))`` for ridge ``r``. Afzal et al. use bounds of
 this kind to choose layers; their exact rule is not public, so linft implements
 greedy selection under a budget by a documented score and reports the bounds
-next to the exact values.
+next to the exact values. The score's premise, that a better-conditioned K_S trains to a
+lower loss, did not hold across pairs of layers of the pretrained MiniLM on SST-2
+(``benchmarks/exp_real.py``, section (c) of ``RESULTS_real.md``): read the ranking as a
+description of the kernels, not as a forecast of fine-tuning.
 """
 
 from __future__ import annotations

@@ -4,8 +4,15 @@ For K (PSD, [n, n] or a full kernel [N, C, N, C] reshaped to [N*C, N*C]) with ei
 ``lambda_1 >= ... >= lambda_n``:
 
 - ``condition_number = (lambda_1 + ridge) / (lambda_n + ridge)``; ``inf`` when K is numerically
-  singular (``rank < n``) and ``ridge == 0``. The condition number of K at initialization
-  predicts the training loss and accuracy of fine-tuning (Afzal et al., NeurIPS 2025).
+  singular (``rank < n``) and ``ridge == 0``. Afzal et al. (NeurIPS 2025) tie the condition
+  number at initialization to the training loss and accuracy of fine-tuning. Across subsets
+  of layers of the pretrained MiniLM on SST-2 it did not predict them (``benchmarks/
+  exp_real.py``, section (c) of ``RESULTS_real.md``): with one step size for every subset the
+  better-conditioned subsets ended with the higher loss (Spearman -0.77), and with the step
+  normalised per subset the sign changed between seeds. What held
+  there: the loss curve predicted from K (``dynamics.linearized_loss``) tracks fine-tuning,
+  more closely as the regularizer grows, and with the head trained kernel regression matches
+  fine-tuning's accuracy.
 - ``rank = #{j : lambda_j > tau}``, with ``tau`` (``rank_threshold``; its source in
   ``rank_threshold_source``) what K's precision certifies: K is numerically singular when
   ``lambda_n <= tau``. By Weyl's inequality

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="LoRA on the pretrained MiniLM with SST-2 sentences: spectrum, layers to tune, "
+        help="LoRA on the pretrained MiniLM with SST-2 sentences: spectrum, layer ranking, "
         "kernel-regression accuracy, predicted loss (offline)",
     )
     _common(demo, top=8)
