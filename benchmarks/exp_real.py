@@ -1116,6 +1116,8 @@ def main(argv: list[str] | None = None) -> Results:
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"exp_real: --device {args.device} asked, but this torch sees no CUDA device")
     cfg = dict(
         SIZES["quick" if args.quick else "cuda" if args.device.startswith("cuda") else "cpu"]
     )
