@@ -56,7 +56,6 @@ import platform
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from exp_dynamics import LR_FRACTION, Run, spearman, table_a
 from scipy.stats import spearmanr
 
 import linft
+from linft.cli.demo import minilm_classifier
 from linft.select import select_from_kernels
 
 N_OUTPUTS = 2
@@ -226,20 +226,7 @@ def model_path() -> str:
 def build_model(path: str, init: str, seed: int, device) -> torch.nn.Module:
     """MiniLM + seeded mean-pooled head (linft demo's) + LoRA; every LoRA weight and the head
     require grad (the kernels of both head protocols come from one pass, by group)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel
-
-    from linft.cli.demo import MeanPoolClassifier
-
-    encoder = AutoModel.from_pretrained(path)
-    torch.manual_seed(seed)  # the head's and LoRA A's initialization
-    model = MeanPoolClassifier(encoder, N_OUTPUTS)
-    with warnings.catch_warnings():
-        # peft asks transformers for a renamed attribute; nothing to act on here
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
-        model = get_peft_model(
-            model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["query", "value"])
-        )
+    model, _ = minilm_classifier(path, lora_r=RANK, lora_alpha=RANK, train_head=False, seed=seed)
     model.base_model.model.classifier.requires_grad_(True)
     if init == "random":
         _random_b(model, seed)

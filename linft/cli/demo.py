@@ -84,13 +84,15 @@ def minilm_classifier(
     *,
     num_labels: int = 2,
     lora_r: int = 4,
+    lora_alpha: int | None = None,
     target_modules: tuple[str, ...] = ("query", "value"),
     train_head: bool = True,
     seed: int = 0,
 ):
     """``(peft model, tokenizer)``: pretrained MiniLM, a seeded mean-pooled linear head
-    (trainable unless ``train_head=False``), peft LoRA of rank ``lora_r`` with peft's
-    default init (B = 0) on ``target_modules`` of every layer."""
+    (trainable unless ``train_head=False``), peft LoRA of rank ``lora_r`` (``lora_alpha``,
+    default ``2 * lora_r``) with peft's default init (B = 0) on ``target_modules`` of every
+    layer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
@@ -100,7 +102,7 @@ def minilm_classifier(
     model = MeanPoolClassifier(encoder, num_labels)
     config = LoraConfig(
         r=lora_r,
-        lora_alpha=2 * lora_r,
+        lora_alpha=2 * lora_r if lora_alpha is None else lora_alpha,
         target_modules=list(target_modules),
         modules_to_save=["classifier"] if train_head else None,
     )
