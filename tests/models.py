@@ -38,11 +38,11 @@ def roberta_base_classifier(num_labels: int = 3):
     return RobertaForSequenceClassification(_roberta_config(num_labels=num_labels))
 
 
-def roberta_classifier(num_labels: int = 3, base=None, **lora):
+def roberta_classifier(num_labels: int = 3, base=None, lora_alpha: float = 6, **lora):
     model = roberta_base_classifier(num_labels) if base is None else base
     cfg = LoraConfig(
         r=3,
-        lora_alpha=6,
+        lora_alpha=lora_alpha,
         target_modules=["query", "value"],
         init_lora_weights=False,
         modules_to_save=["classifier"],
@@ -57,9 +57,14 @@ def roberta_mlm(base=None):
     return get_peft_model(model, cfg), linft.outputs.mask_token(LABEL_WORDS, MASK_ID)
 
 
+def gpt2_base():
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
+    )
+
+
 def gpt2(base=None, **lora):
-    config = GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
-    model = GPT2LMHeadModel(config) if base is None else base
+    model = gpt2_base() if base is None else base
     cfg = LoraConfig(
         r=3,
         lora_alpha=4,
@@ -71,7 +76,7 @@ def gpt2(base=None, **lora):
     return get_peft_model(model, cfg), linft.outputs.last_token(LABEL_WORDS)
 
 
-def llama():
+def llama_base():
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -86,10 +91,14 @@ def llama():
         # worst of 30 draws is 9e-7, so the tests measure linft rather than the draw.
         initializer_range=0.1,
     )
+    return LlamaForCausalLM(config)
+
+
+def llama():
     cfg = LoraConfig(
         r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
     )
-    return get_peft_model(LlamaForCausalLM(config), cfg), linft.outputs.last_token(LABEL_WORDS)
+    return get_peft_model(llama_base(), cfg), linft.outputs.last_token(LABEL_WORDS)
 
 
 def token_batch(

@@ -5,32 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import TAU_FP32, assert_rel_close, thresholded
+from interrupts import Interrupt, stop_after_blocks
 from models import random_lengths, roberta_classifier, token_batch
 
 import linft
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _count_blocks(monkeypatch, stop_after: int | None) -> list[int]:
-    """Count the Jacobian blocks computed (and stop after some, as a killed run would);
-    the output function itself stays the same, so the checkpoint's key does too."""
-    from linft.kernel.engine import JacobianEngine
-
-    real_block = getattr(JacobianEngine.block, "__wrapped__", JacobianEngine.block)
-    calls = []
-
-    def block(self, batch, start):
-        calls.append(batch["input_ids"].shape[0])
-        if stop_after is not None and len(calls) > stop_after:
-            raise Interrupt
-        return real_block(self, batch, start)
-
-    block.__wrapped__ = real_block
-    monkeypatch.setattr(JacobianEngine, "block", block)
-    return calls
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -40,10 +18,10 @@ def test_resume_after_interruption(tmp_path, monkeypatch, cross):
     b = token_batch(random_lengths(5), pad_id=1) if cross else None
     expected = linft.ntk(model, a, b, batch_size=2)
 
-    _count_blocks(monkeypatch, stop_after=3)
+    stop_after_blocks(monkeypatch, 3)
     with pytest.raises(Interrupt):
         linft.ntk(model, a, b, batch_size=2, checkpoint=tmp_path)
-    calls = _count_blocks(monkeypatch, stop_after=None)
+    calls = stop_after_blocks(monkeypatch, None)
     K = linft.ntk(model, a, b, batch_size=2, checkpoint=tmp_path)
     # the first run finished 3 blocks; the second computes only the rest
     total_blocks = 4 + (3 if cross else 0)
@@ -55,7 +33,7 @@ def test_finished_checkpoint_computes_nothing(tmp_path, monkeypatch):
     model = roberta_classifier()
     a = token_batch(random_lengths(4), pad_id=1)
     first = linft.ntk(model, a, batch_size=3, checkpoint=tmp_path).clone()
-    calls = _count_blocks(monkeypatch, stop_after=None)
+    calls = stop_after_blocks(monkeypatch, None)
     again = linft.ntk(model, a, checkpoint=tmp_path)
     assert calls == [] and torch.equal(first, again)
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from checks import assert_rel_close, gram
+from interrupts import Interrupt, stop_after_blocks
 from models import (
     LABEL_WORDS,
     gpt2,
@@ -31,40 +32,17 @@ from models import (
     roberta_classifier,
     token_batch,
 )
-from peft import LoraConfig, get_peft_model
 from reference import reference_jacobian
 
 import linft
 from linft.kernel.checkpoint import Checkpoint, CheckpointError, _sha, describe
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after(monkeypatch, blocks: int | None) -> list[int]:
-    """Count the Jacobian blocks computed; raise after ``blocks`` of them (a killed run)."""
-    from linft.kernel.engine import JacobianEngine
-
-    real = getattr(JacobianEngine.block, "__wrapped__", JacobianEngine.block)
-    calls = []
-
-    def block(self, batch, start):
-        calls.append(start)
-        if blocks is not None and len(calls) > blocks:
-            raise Interrupt
-        return real(self, batch, start)
-
-    block.__wrapped__ = real
-    monkeypatch.setattr(JacobianEngine, "block", block)
-    return calls
-
-
 def _interrupted(monkeypatch, model, a, directory, blocks: int = 3, **kw) -> None:
-    _stop_after(monkeypatch, blocks)
+    stop_after_blocks(monkeypatch, blocks)
     with pytest.raises(Interrupt):
         linft.ntk(model, a, batch_size=2, checkpoint=directory, **kw)
-    _stop_after(monkeypatch, None)
+    stop_after_blocks(monkeypatch, None)
 
 
 # --- the key covers everything that changes K ------------------------------------------
@@ -78,7 +56,7 @@ def test_resume_with_another_output_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"different computation \(the output function"):
         linft.ntk(model, a, output=other, batch_size=2, checkpoint=tmp_path)
     # an equal helper built anew (another closure object) resumes, and K is right
-    calls = _stop_after(monkeypatch, None)
+    calls = stop_after_blocks(monkeypatch, None)
     same = linft.outputs.last_token(list(LABEL_WORDS))
     K = linft.ntk(model, a, output=same, batch_size=2, checkpoint=tmp_path)
     assert calls == [6], "only the unfinished block is computed"
@@ -95,14 +73,7 @@ def test_resume_with_another_lora_scaling_is_refused(tmp_path, monkeypatch, chan
     expected = linft.ntk(model, a, batch_size=2)
     _interrupted(monkeypatch, model, a, tmp_path)
     if change == "lora_alpha":  # the same weights under another lora_alpha
-        cfg = LoraConfig(
-            r=3,
-            lora_alpha=12,
-            target_modules=["query", "value"],
-            init_lora_weights=False,
-            modules_to_save=["classifier"],
-        )
-        other = get_peft_model(base, cfg)
+        other = roberta_classifier(base=base, lora_alpha=12)
         other.load_state_dict(model.state_dict())
         pairs = zip(model.state_dict().values(), other.state_dict().values(), strict=True)
         assert all(torch.equal(p, q) for p, q in pairs)
@@ -183,7 +154,7 @@ def test_unstable_output_is_refused_before_any_work(tmp_path, monkeypatch):
     model = roberta_classifier()
     a = token_batch(random_lengths(3), pad_id=1)
     lock = threading.Lock()
-    calls = _stop_after(monkeypatch, None)
+    calls = stop_after_blocks(monkeypatch, None)
     with pytest.raises(TypeError, match="variable 'lock'"):
         linft.ntk(model, a, output=lambda o, b: (lock, o.logits)[1], checkpoint=tmp_path)
     assert calls == []
@@ -247,7 +218,7 @@ def test_damaged_file_is_named(tmp_path, monkeypatch, how):
     a = token_batch(random_lengths(5), pad_id=1)
     _interrupted(monkeypatch, model, a, tmp_path, blocks=2, verify=False)
     name = _damage(tmp_path, how, 5 * 3, 4 * 3)
-    calls = _stop_after(monkeypatch, None)
+    calls = stop_after_blocks(monkeypatch, None)
     with pytest.raises(CheckpointError, match=rf"{name}.*delete the directory"):
         linft.ntk(model, a, batch_size=2, checkpoint=tmp_path, verify=False)
     assert calls == [], "the damage is found before any block is computed"

@@ -11,21 +11,16 @@ from checks import assert_rel_close, gram
 from models import (
     LABEL_WORDS,
     MASK_ID,
-    VOCAB,
     _roberta_config,
+    gpt2_base,
+    llama_base,
     random_lengths,
     token_batch,
     trainable_names,
 )
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from reference import reference_jacobian
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaForMaskedLM,
-)
+from transformers import RobertaForMaskedLM
 
 import linft
 
@@ -34,22 +29,7 @@ VIRTUAL = 3
 
 
 def _base(name: str):
-    if name == "gpt2":
-        return GPT2LMHeadModel(
-            GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=2, n_head=2)
-        )
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=45,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            initializer_range=0.1,
-        )  # fmt: skip
-    )
+    return gpt2_base() if name == "gpt2" else llama_base()
 
 
 METHODS = {
