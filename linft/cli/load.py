@@ -3,6 +3,7 @@ tokenizer, the data table and its labels, and how ``f(x)`` is read off the model
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import warnings
@@ -229,6 +230,17 @@ def _set_pad_token(tokenizer, model) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+@contextlib.contextmanager
+def peft_notice_filtered():
+    """peft asks transformers for a renamed attribute (``is_gradient_checkpointing``) when it
+    wraps a model: a FutureWarning that nothing in linft or the user's call can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        yield
+
+
 def _fresh_lora(model, spec: ModelSpec):
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -240,7 +252,8 @@ def _fresh_lora(model, spec: ModelSpec):
         r=spec.lora_r, lora_alpha=2 * spec.lora_r, target_modules=targets, task_type=task
     )
     try:
-        return get_peft_model(model, config)
+        with peft_notice_filtered():
+            return get_peft_model(model, config)
     except ValueError as err:
         raise CLIError(f"--lora-r: {_one_line(err)}; pass --target-modules") from None
 
@@ -287,7 +300,8 @@ def load_model(spec: ModelSpec):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        with peft_notice_filtered():
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     elif spec.lora_r:
         model = _fresh_lora(model, spec)
     return model.to(spec.device), tokenizer, adapter
