@@ -355,6 +355,9 @@ def _check_dense(A: Tensor) -> None:
 
 # ---------------------------------------------------------------- solver
 
+# The start block's seed when none is given (the same K gives the same spectrum every call).
+_DEFAULT_SEED = 0
+
 
 def topk_eigh(
     A: Any,
@@ -401,7 +404,9 @@ def topk_eigh(
     symmetric product (half of A read) under ``"extension"``, by one GEMM under ``"torch"``, and
     under ``"auto"`` by the fastest accurate one of these and, for float32 on CUDA, the Triton
     symmetric product, timed once on this device for matrices of this size (``Eig.product`` says
-    which). ``oversample``: extra block columns ``p`` (default ``max(10, k // 2)``). See the
+    which). ``oversample``: extra block columns ``p`` (default ``max(10, k // 2)``). ``seed``:
+    of the random start block (default 0: the same ``A`` gives the same pairs on every call).
+    Values are always sorted: descending for ``largest``, ascending otherwise. See the
     module docstring for the algorithms.
     """
     requested = backend
@@ -426,16 +431,16 @@ def topk_eigh(
     max_iters = 50 if max_iters is None else int(max_iters)
     if max_iters <= 0:
         raise ValueError(f"topk_eigh: max_iters must be positive, got {max_iters}")
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=op.device)
-        gen.manual_seed(int(seed))
+    # One matrix, one spectrum: the start block is drawn from a fixed seed unless one is given.
+    gen = torch.Generator(device=op.device)
+    gen.manual_seed(_DEFAULT_SEED if seed is None else int(seed))
     if method == "dense":
         out = _dense(op, k, largest, tol)
     else:
         Q0 = torch.randn(n, b, generator=gen, dtype=op.dtype, device=op.device)
         solve = _krylov if method == "krylov" else _nystrom
         out = solve(op, Q0, k, largest, tol, max_iters, _ops(backend))
+    out = _ordered(out, largest)
     out.matmuls, out.method, out.backend = op.count, method, backend
     out.product = op.product if op.count else "none"  # none: eigh of the matrix itself
     if not out.converged:
@@ -447,6 +452,19 @@ def topk_eigh(
             ConvergenceWarning,
             stacklevel=2,
         )
+    return out
+
+
+def _ordered(out: Eig, largest: bool) -> Eig:
+    """The pairs by value, descending for ``largest`` (else ascending): the recomputed
+    Rayleigh quotients of a (near-)degenerate tail need not keep the Ritz order."""
+    order = torch.sort(out.values.double(), descending=largest, stable=True).indices
+    if bool((order == torch.arange(order.numel(), device=order.device)).all()):
+        return out
+    out.values, out.vectors = out.values[order], out.vectors[:, order]
+    out.residuals = out.residuals[order]
+    if out.errors is not None:
+        out.errors = out.errors[order.to(out.errors.device)]
     return out
 
 

@@ -35,7 +35,8 @@ from models import (
 from reference import reference_jacobian
 
 import linft
-from linft.kernel.checkpoint import Checkpoint, CheckpointError, _sha, describe
+from linft.kernel.checkpoint import Checkpoint, CheckpointError
+from linft.kernel.identity import _sha, describe
 
 
 def _interrupted(monkeypatch, model, a, directory, blocks: int = 3, **kw) -> None:
@@ -164,7 +165,7 @@ def test_descriptions_do_not_depend_on_the_string_hash_seed():
     script = textwrap.dedent(
         """
         import linft.outputs as o
-        from linft.kernel.checkpoint import _sha, describe
+        from linft.kernel.identity import _sha, describe
         names = {"logits", "scores", "last"}
         def read(out, batch, keys=frozenset({"a", "b", "c"})):
             return out[[k for k in names if k in {"logits", "scores"}][0]]

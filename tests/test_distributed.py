@@ -143,9 +143,8 @@ def _shard_case(rank: int, world: int, model, batch, tmp) -> dict:
     J = linft.jacobian(model, batch, batch_size=2, out="shard")
     op_spec = linft.spectrum(J.kernel(), k=3)
     op_trace = linft.spectrum(J.kernel(outputs="trace"), k=2)
-    torch.manual_seed(rank)  # different X on each rank: refused on every rank
-    try:
-        linft.topk_eigh(shard, 2, method="krylov", tol=1e-3)
+    try:  # a different start block on each rank: refused on every rank
+        linft.topk_eigh(shard, 2, method="krylov", tol=1e-3, seed=rank)
         mismatch = None
     except ValueError as e:
         mismatch = str(e)
@@ -504,3 +503,43 @@ def test_bad_group_or_out(kw, error, match):
     model = roberta_classifier()
     with pytest.raises(error, match=match):
         linft.ntk(model, token_batch([3, 2], pad_id=1), **kw)
+
+
+def _classes_reversed(out, batch):
+    return out.logits.flip(-1)
+
+
+@pytest.mark.parametrize("call", ["ntk", "jacobian"])
+def test_ranks_with_another_output_function_refuse_on_every_rank(tmp_path, call):
+    """Rank 1 reads the classes in another order: K would be off with no error. The ranks
+    compare one fingerprint of the computation (the checkpoint's), and every rank raises
+    naming output=."""
+    _seed("output")
+    model = roberta_classifier()
+    a = token_batch(random_lengths(6), pad_id=1)
+
+    def target(rank, world):
+        output = _classes_reversed if rank == 1 else linft.outputs.logits()
+        return getattr(linft, call)(model, a, output=output, batch_size=2)
+
+    results = _spawn(2, target, tmp_path)
+    for r in results:  # each rank raises it, or hears it first from the other (RankFailed)
+        assert r.get("error") in ("ValueError", "RankFailed"), r
+        assert "rank 1 and rank 0 differ in the output function (output=)" in r["message"]
+
+
+def test_ranks_with_other_weights_refuse_on_every_rank(tmp_path):
+    _seed("weights")
+    model = roberta_classifier()
+    a = token_batch(random_lengths(6), pad_id=1)
+
+    def target(rank, world):
+        if rank == 1:  # a frozen weight, hashed by its moments
+            with torch.no_grad():
+                model.base_model.model.roberta.embeddings.word_embeddings.weight[3, 0] += 1e-3
+        return linft.ntk(model, a, batch_size=2)
+
+    results = _spawn(2, target, tmp_path)
+    for r in results:
+        assert r.get("error") in ("ValueError", "RankFailed"), r
+        assert "differ in the model's parameter or buffer values" in r["message"]

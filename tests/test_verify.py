@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 
 import pytest
+import torch
 from checks import assert_rel_close, gram
 from models import (
     ARCHITECTURES,
@@ -145,3 +146,31 @@ def test_autograd_rows_match_the_float64_reference():
         for i in range(3):
             rows = verify.autograd_rows(job, slice_batch(batch, i, i + 1))
             assert_rel_close(rows, J[i], 1e-10, f"sample {i}")
+
+
+@pytest.mark.parametrize("arch", ["roberta_cls", "llama"])
+@pytest.mark.parametrize("bf16", ["model", "adapters"])
+def test_bf16_weights_are_checked_against_a_reference_as_exact_as_the_run(arch, bf16):
+    """bf16 weights (or bf16 LoRA weights in a float32 model) at the default precision: the
+    run is float32 and right, so its self-check must not raise (a bf16 reference did)."""
+    model, output = architecture(arch)
+    if bf16 == "model":
+        model = model.to(torch.bfloat16)
+    else:
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    batch = architecture_batch(arch, 5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*self-check")
+        K = linft.ntk(model, batch, output=output, batch_size=3)
+    J = reference_jacobian(model, batch, output, trainable_names(model))  # the same weights
+    assert_rel_close(K, gram(J, J), 1e-5, f"{arch}, bf16 {bf16}")
+
+
+def test_a_wrong_rule_is_still_caught_on_bf16_weights(monkeypatch):
+    model = roberta_classifier().to(torch.bfloat16)
+    batch = architecture_batch("roberta_cls", 5)
+    _use_ops(monkeypatch, dataclasses.replace(TORCH_OPS, lora_jacobian=_misscaled_lora))
+    with pytest.raises(SelfCheckError, match=r"module .*\.(query|value) \(sample \d\)"):
+        linft.ntk(model, batch, params="lora", backend="torch")

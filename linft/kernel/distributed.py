@@ -35,9 +35,7 @@ are bounded by the process group's own timeout (``init_process_group(timeout=...
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import os
 import pickle
 import sys
@@ -55,6 +53,7 @@ from .batches import batch_size as samples_in
 from .batches import blocks
 from .engine import iterate_blocks
 from .gram import assemble, kernel_signs, kernel_tile
+from .identity import PARTS, computation_parts
 from .model_state import run_context
 from .store import JacobianStore, store_budget
 from .verify import checked as self_checked
@@ -406,52 +405,6 @@ def _listed_shares(listed: list, world: int, total: int) -> list[_Share]:
 # --------------------------------------------------------------------------- consistency
 
 
-def _digest(job, settings: dict, batches: list) -> dict[str, str]:
-    """Hashes of what every rank must share: settings, inputs, the selected parameters
-    (exactly) and every other parameter and buffer (float64 sums on their device)."""
-    h_in = hashlib.sha256()
-    for b in batches:
-        for k in sorted(b):
-            v = b[k]
-            h_in.update(str(k).encode())
-            if isinstance(v, torch.Tensor):
-                t = v.detach().cpu().contiguous()
-                h_in.update(str((tuple(t.shape), t.dtype)).encode())
-                h_in.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            else:
-                h_in.update(repr(v).encode())
-    chosen = {n for n, _ in job.selected}
-    h_sel, h_w = hashlib.sha256(), hashlib.sha256()
-    for name, t in [*job.model.named_parameters(), *job.model.named_buffers()]:
-        t = t.detach()
-        if name in chosen:
-            c = t.cpu().contiguous()
-            h_sel.update(name.encode() + c.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif t.numel() and not t.is_complex() and t.device.type != "meta":
-            h_w.update(name.encode() + _moments(t).numpy().tobytes())
-    return {
-        "settings": hashlib.sha256(
-            json.dumps(settings, sort_keys=True, default=str).encode()
-        ).hexdigest(),
-        "inputs": h_in.hexdigest(),
-        "trainable parameters": h_sel.hexdigest(),
-        "model weights": h_w.hexdigest(),
-    }
-
-
-def _moments(t: torch.Tensor) -> torch.Tensor:
-    """``sum x``, ``sum x^2`` and ``sum (i mod 7) x_i`` in float64 on the tensor's device, in
-    chunks: any weight that differs between ranks changes them (hashing every byte of a
-    large model would copy it to the host)."""
-    flat, out = t.reshape(-1), torch.zeros(3, dtype=torch.float64, device=t.device)
-    step = 1 << 24
-    for i in range(0, flat.numel(), step):
-        x = flat[i : i + step].double()
-        ramp = (torch.arange(i, i + x.numel(), device=x.device) % 7).double()
-        out += torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()])
-    return out.cpu()
-
-
 _SAME = (
     "every rank must pass the same model, inputs and settings (linft splits the samples "
     "across ranks itself: give each rank the whole data set, not a DistributedSampler's "
@@ -461,12 +414,26 @@ _SAME = (
 
 
 def _check_same(comm: Comm, job, settings: dict, batches: list) -> None:
-    """The same computation on every rank, or the same ``ValueError`` on every rank."""
-    gathered = comm.all_gather_object(_digest(job, settings, batches), "comparing the inputs")
+    """The same computation on every rank (``identity.computation_parts``: settings, output
+    function, model, weights, inputs), or the same ``ValueError`` on every rank naming the
+    first part that differs."""
+    try:
+        mine = computation_parts(
+            settings, job.output, job.model, batches, use="ranks",
+            exact={n for n, _ in job.selected},
+        )  # fmt: skip
+    except TypeError as err:  # a part with no stable description: every rank must hear it
+        mine = {"error": str(err)}
+    gathered = comm.all_gather_object(mine, "comparing the computations")
+    for r, d in enumerate(gathered):
+        if "error" in d:
+            raise TypeError(f"rank {r}: {d['error']}")
     for part in gathered[0]:
         differ = [r for r, d in enumerate(gathered) if d[part] != gathered[0][part]]
         if differ:
-            raise ValueError(f"the {part} of rank {differ[0]} differ from rank 0's; {_SAME}")
+            raise ValueError(
+                f"rank {differ[0]} and rank 0 differ in {PARTS.get(part, part)}; {_SAME}"
+            )
 
 
 # ------------------------------------------------------------------------------- runs

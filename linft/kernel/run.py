@@ -23,9 +23,10 @@ from ..params import ParamSpec, column_offsets, group_columns, parameter_dtype, 
 from . import layouts, signs, validate
 from .batches import Batch, blocks, check_same_keys, split
 from .capture import build_plan
-from .checkpoint import Checkpoint, computation_parts
+from .checkpoint import Checkpoint
 from .engine import JacobianEngine, iterate_blocks
 from .gram import OUTPUTS, assemble, kernel_signs
+from .identity import computation_parts
 from .model_state import run_context
 from .store import JacobianStore, store_budget
 from .verify import checked as self_checked

@@ -77,15 +77,24 @@ def _checked_samples(batch, start: int, total: int) -> list[int]:
     return picks
 
 
+def reference_dtype(job) -> torch.dtype:
+    """The reference's dtype: at least as exact as the run it checks. float64 for a float64
+    run, else float32 (whatever the weights' dtype: bf16 weights or adapters are cast up, as
+    the run casts them; a bf16 reference would be off by its own rounding, a false alarm)."""
+    return torch.float64 if job.dtype == torch.float64 else torch.float32
+
+
 def autograd_rows(job, sample) -> torch.Tensor:
-    """``[C, P]``: d f_a / d theta of one sample by plain autograd, in the model's dtype."""
+    """``[C, P]``: d f_a / d theta of one sample by plain autograd, in ``reference_dtype``."""
     model, names = job.model, [n for n, _ in job.selected]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = reference_dtype(job)
     chosen = set(names)
-    tensors = {
-        n: (p.detach().requires_grad_(True) if n in chosen else p.detach())
-        for n, p in model.named_parameters()
-    }
+    tensors = {}
+    for n, p in model.named_parameters():
+        t = p.detach()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        tensors[n] = t.requires_grad_(True) if n in chosen else t
     sample = to_device(sample, job.device, dtype)
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference in full precision
