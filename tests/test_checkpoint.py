@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import TAU_FP32, assert_rel_close, thresholded
+from checks import assert_rel_close
 from interrupts import Interrupt, stop_after_blocks
 from models import random_lengths, roberta_classifier, token_batch
 
 import linft
+from linft.kernel import run
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -95,7 +96,9 @@ def test_signgd_keeps_int8_signs(tmp_path):
     K = linft.ntk(model, a, kernel="signgd", batch_size=2, checkpoint=tmp_path)
     stored = load_file(str(tmp_path / "J_rows_0.safetensors"))["J"]
     assert stored.dtype == torch.int8 and set(stored.unique().tolist()) <= {-1, 0, 1}
-    S = torch.sign(thresholded(linft.jacobian(model, a).double(), TAU_FP32))
+    S = torch.sign(run.jacobian(model, a, output=None, params="trainable", precision="fp32",
+                                batch_size=None, backend="auto", device=None, sign_rows=True))
+    S = S.double()
     assert torch.equal(K.double(), torch.einsum("icp,jdp->icjd", S, S))
 
 

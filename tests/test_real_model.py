@@ -71,6 +71,35 @@ def test_minilm_lora_kernel_matches_the_float64_reference(minilm):
     assert_rel_close(K, gram(J, J), 1e-5, f"MiniLM LoRA layers {layers}")
 
 
+@pytest.mark.parametrize("kernel", ["signgd", "asym_signgd"])
+def test_minilm_sign_kernels_match_float64_signs(minilm, kernel):
+    """Whole sentences and one-token samples ([CLS] alone: exact zeros in the query and key
+    rows) on the pretrained MiniLM, LoRA q,v beside the trained head: the float64 signs,
+    for every batch size."""
+    from checks import SIGN_REL
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False,
+        task_type=TaskType.SEQ_CLS,
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    texts, _ = _sentences(4)
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    batch["attention_mask"][1, 1:] = 0  # sample 1: its first token alone
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    J = reference_jacobian(model, batch, linft.outputs.logits(), names)
+    expected = gram(J, J, kernel)
+    kernels = [linft.ntk(model, batch, kernel=kernel, batch_size=b) for b in (1, 4)]
+    for K in kernels:
+        assert_rel_close(K, expected, SIGN_REL, f"MiniLM {kernel}")
+    if kernel == "signgd":
+        assert torch.equal(kernels[0], kernels[1])
+
+
 def _printed(text: str, label: str) -> list[float]:
     line = next(line for line in text.splitlines() if line.strip().startswith(label))
     return [float(x) for x in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", line.split(":", 1)[1])]

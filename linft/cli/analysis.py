@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..api import jacobian, layer_ntks, ntk
+from ..api import layer_ntks, ntk
 from ..dynamics import kernel_regression, linearized_loss
-from ..kernel.signs import sign_threshold, zero_below_threshold
+from ..kernel import run
 from ..params import group_columns, select_params
 from ..select import select_from_kernels
 from ..spectrum import spectrum
@@ -275,12 +275,13 @@ def _symmetric(K: Tensor) -> Tensor:
 def _kernels_from_jacobian(
     task: Task, signgd: bool, *, output, params, precision="fp32", batch_size=None, **_
 ) -> tuple[dict[str, Tensor], Tensor | None]:
-    """``K_l = J_l J_l^T`` per module and ``sign(J) sign(J)^T`` from one Jacobian."""
-    J = jacobian(
+    """``K_l = J_l J_l^T`` per module and ``sign(J) sign(J)^T`` from one Jacobian, whose
+    rounding-noise rows are zeroed as ``ntk(kernel="signgd")`` zeroes them (zeroing keeps
+    every module's own kernel within its rounding)."""
+    J = run.jacobian(
         task.model, task.batch, output=output, params=params, precision=precision,
-        batch_size=batch_size,
+        batch_size=batch_size, backend="auto", device=None, sign_rows=signgd,
     )  # fmt: skip
-    tau = sign_threshold(precision, J.dtype)
     J = J.float()
     n, c = J.shape[:2]
     J = J.reshape(n * c, -1)
@@ -290,8 +291,8 @@ def _kernels_from_jacobian(
         Jl = torch.cat([J[:, s] for s in cols], dim=1)
         parts[name] = _symmetric(Jl @ Jl.T).reshape(n, c, n, c)
     K_sign = None
-    if signgd:  # the signs ntk(kernel="signgd") reads: rounding-level entries count as 0
-        S = torch.sign(zero_below_threshold(J.reshape(n * c, 1, -1), tau)).reshape(n * c, -1)
+    if signgd:
+        S = torch.sign(J)
         K_sign = _symmetric(S @ S.T).reshape(n, c, n, c)
     return parts, K_sign
 

@@ -632,7 +632,6 @@ class _Run:
             self.cols = _listed_shares(self.listed_cols, self.world, n_cols)
         self.ops = run._CurrentOps(job)
         self.engine = job.engine()
-        self.tau = signs.sign_threshold(kw["precision"], job.dtype)
         self.jdtype = torch.int8 if kw["kernel"] == "signgd" else job.dtype
         budget = store_budget(job.device, kw["jacobian_memory"])
         self.store = JacobianStore(job.device, budget)
@@ -690,8 +689,8 @@ class _Run:
             load = lambda s: ckpt.load(side, s)  # noqa: E731
             found = iterate_blocks(self.engine, mine, self.bar, ckpt.finished(side), load)
         total = self.n_rows + (self.n_cols if self.cross else 0)
-        found = self_checked(found, self.engine, self.job, mine, total, self.kw["kernel"], self.tau)
-        return signs.for_kernel(found, self.kw["kernel"], self.tau)
+        found = self_checked(found, self.engine, self.job, mine, total, self.kw["kernel"])
+        return signs.for_kernel(found, self.kw["kernel"], signs.SignRows(self.job, mine))
 
     def _agree_outputs(self, firsts: list) -> int:
         """C from the first block of each rank (ranks without samples have none)."""

@@ -271,7 +271,6 @@ def _kernels(
     store = JacobianStore(job.device, store_budget(job.device, jacobian_memory))
     bar = _progress(progress, n_rows + (n_cols if inputs2 is not None else 0))
     engine = job.engine()
-    tau = signs.sign_threshold(precision, job.dtype)
 
     def stream(side: str, parts, keep: bool):
         listed = blocks(parts, size)
@@ -280,8 +279,8 @@ def _kernels(
         else:
             load = (lambda s: ckpt.load(side, s)) if keep else None
             found = iterate_blocks(engine, listed, bar, ckpt.finished(side), load)
-        found = self_checked(found, engine, job, listed, n_rows + n_cols, kernel, tau)
-        return signs.for_kernel(found, kernel, tau)
+        found = self_checked(found, engine, job, listed, n_rows + n_cols, kernel)
+        return signs.for_kernel(found, kernel, signs.SignRows(job, listed))
 
     rows = stream("rows", batches, keep=inputs2 is None)
     cols = None if batches2 is None else stream("cols", batches2, keep=True)
@@ -311,12 +310,17 @@ def jacobian(
     verify: bool = True,
     group=None,
     out: str = "full",
+    sign_rows: bool = False,
 ) -> torch.Tensor:
     """The per-sample Jacobian ``[N, C, P]`` of every input, in input order (``group``,
-    ``out``: as for ``kernels``; ``out="shard"`` gives a ``linft.sharded.JacobianShard``)."""
+    ``out``: as for ``kernels``; ``out="shard"`` gives a ``linft.sharded.JacobianShard``).
+    ``sign_rows``: J as the sign kernels read it, its rounding-noise rows zeroed
+    (``signs.SignRows``; one process only)."""
     from . import distributed  # it imports this module
 
     pg = distributed.resolve_group(group)
+    if sign_rows and (pg is not None or out != "full"):
+        raise ValueError("sign_rows=True is for one process and out='full'")
     if pg is not None or out != "full":
         return distributed.jacobian(
             model, inputs, group=pg, out=out, output=output, params=params,
@@ -331,4 +335,7 @@ def jacobian(
         engine = job.engine()
         listed = blocks(batches, job.block_size)
         found = self_checked(iterate_blocks(engine, listed), engine, job, listed, n)
+        if sign_rows:
+            decide = signs.SignRows(job, listed)
+            found = ((s, decide.decided(s, J), done) for s, J, done in found)
         return torch.cat([J for _, J, _ in found], dim=0)

@@ -161,16 +161,13 @@ def _check_rows(job, engine, batch, start: int, J: torch.Tensor, total: int) -> 
     return None
 
 
-def _check_tile(job, J: torch.Tensor, kernel: str, tau: float) -> Mismatch | None:
-    """One Gram tile of the block by the run's ops against the pure-torch twin."""
+def _check_tile(job, J: torch.Tensor, kernel: str) -> Mismatch | None:
+    """One Gram tile of the block by the run's ops against the pure-torch twin (on the
+    block's raw signs for the sign kernels: the ops are checked, not the sign decisions)."""
     if job.ops is TORCH_OPS:
         return None
-    from .signs import zero_below_threshold
-
     sign_a, sign_b = kernel_signs(kernel)
     rows = J.reshape(-1, J.shape[-1])
-    if kernel != "sgd":
-        rows = zero_below_threshold(J, tau).reshape(-1, J.shape[-1])
     if kernel == "signgd":
         rows = torch.sign(rows).to(torch.int8)
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32
@@ -200,7 +197,7 @@ def _describe(m: Mismatch, job) -> str:
 
 
 def checked(
-    found: Iterator, engine, job, block_list: list, total: int, kernel: str = "sgd", tau=0.0
+    found: Iterator, engine, job, block_list: list, total: int, kernel: str = "sgd"
 ) -> Iterator:
     """``found``'s ``(start, J, finished)`` blocks, the first computed one checked.
 
@@ -211,7 +208,7 @@ def checked(
     for start, J, done in found:
         if pending and not done and J is not None:
             pending = False
-            J = _verified(job, engine, block_list, start, J, total, kernel, tau)
+            J = _verified(job, engine, block_list, start, J, total, kernel)
         yield start, J, done
 
 
@@ -222,11 +219,11 @@ def _batch_at(block_list: list, start: int, n: int):
     raise AssertionError(f"no block holds sample {start}")
 
 
-def _verified(job, engine, block_list, start, J, total, kernel, tau) -> torch.Tensor:
+def _verified(job, engine, block_list, start, J, total, kernel) -> torch.Tensor:
     batch = _batch_at(block_list, start, J.shape[0])
     found = _check_rows(job, engine, batch, start, J, total)
     if found is None:
-        found = _check_tile(job, J, kernel, tau)
+        found = _check_tile(job, J, kernel)
     if found is None:
         return J
     message = _describe(found, job)
