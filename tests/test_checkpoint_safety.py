@@ -248,6 +248,36 @@ def test_damaged_finished_checkpoint_is_not_returned(tmp_path, how, cross):
         linft.ntk(model, a, b, batch_size=2, checkpoint=tmp_path, verify=False)
 
 
+@pytest.mark.parametrize(
+    "edit",
+    ["drop the checksums", "drop a checksum field", "block size", "kernel record", "no kernels"],
+)
+def test_edited_meta_is_named(tmp_path, monkeypatch, edit):
+    """Metadata that lists a finished block without what a resume reads: one sentence
+    naming the file and the fix, before any block is computed."""
+    model = roberta_classifier()
+    a = token_batch(random_lengths(5), pad_id=1)
+    _interrupted(monkeypatch, model, a, tmp_path, blocks=2, verify=False)
+    path = tmp_path / "meta.json"
+    meta = json.loads(path.read_text())
+    start = next(iter(meta["done"]["rows"]))
+    if edit == "drop the checksums":
+        del meta["sums"]["rows"][start]
+    elif edit == "drop a checksum field":
+        del meta["sums"]["rows"][start]["regions"]
+    elif edit == "block size":
+        meta["block_size"] = "two"
+    elif edit == "kernel record":
+        next(iter(meta["kernels"].values()))["dtype"] = "float99"
+    else:
+        del meta["kernels"]
+    path.write_text(json.dumps(meta))
+    calls = stop_after_blocks(monkeypatch, None)
+    with pytest.raises(CheckpointError, match=r"meta.json is damaged or was edited.*delete the"):
+        linft.ntk(model, a, batch_size=2, checkpoint=tmp_path, verify=False)
+    assert calls == []
+
+
 def test_damaged_meta_is_named(tmp_path):
     model = roberta_classifier()
     a = token_batch(random_lengths(3), pad_id=1)

@@ -127,6 +127,47 @@ def test_unknown_options(model, batch, kwargs, word):
         linft.ntk(model, batch, **kwargs)
 
 
+@pytest.mark.parametrize("arg", ["out_device", "device"])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("meta", "='meta' holds no values"),
+        ("foo", "='foo' is not a device torch knows"),
+        (3, "=3 is not a device"),
+        ("cuda", "='cuda' but torch sees no GPU"),
+        ("cuda:7", "='cuda:7' but torch sees no GPU"),
+    ],
+)
+def test_bad_devices_name_the_argument(model, batch, monkeypatch, arg, value, words):
+    """out_device is checked as device is, before any work, in one sentence with the fix
+    (a CUDA device is refused the way a CPU-only torch refuses it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=f"{arg}{words}.*pass {arg}=None, 'cpu'"):
+        linft.ntk(model, batch, **{arg: value})
+
+
+@pytest.mark.parametrize(
+    "key, change, words",
+    [
+        ("input_ids", lambda t: t[..., None], r"input_ids has shape \(4, \d+, 1\).*squeeze"),
+        ("attention_mask", lambda t: t[..., None], r"attention_mask has shape.*squeeze"),
+        ("input_ids", lambda t: t[0], r"has shape \(1, 4, \d+\), but it must be \[N, T\]"),
+        ("token_type_ids", lambda t: t[:, None, None], r"token_type_ids has shape"),
+    ],
+)
+def test_token_inputs_of_the_wrong_shape_name_it(model, batch, key, change, words):
+    batch = dict(batch)
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    batch[key] = change(batch[key])
+    with pytest.raises(ValueError, match=words):
+        linft.ntk(model, batch)
+
+
+def test_good_out_devices(model, batch):
+    K = linft.ntk(model, batch, out_device="cpu")
+    assert torch.equal(linft.ntk(model, batch, out_device=torch.device("cpu")), K)
+
+
 def test_triton_backend_without_a_gpu_is_an_error(model, batch, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine can run the Triton backend")

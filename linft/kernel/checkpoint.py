@@ -136,6 +136,7 @@ class Checkpoint:
             if meta.get("key") != key:
                 raise CheckpointError(self._different(meta.get("parts"), parts))
             self.meta = meta
+            self._check_layout(meta_path.name)
             self._verify()
         else:
             self.meta = {
@@ -260,6 +261,32 @@ class Checkpoint:
                 chunk = part[i : i + step].contiguous().view(torch.uint8).numpy()
                 crc = zlib.crc32(chunk, crc)
         return crc
+
+    def _check_layout(self, name: str) -> None:
+        """The metadata has every field a resume reads, of the type it reads (an edited or
+        half-damaged file is named, never a ``KeyError`` deep inside a resume)."""
+        meta, problem = self.meta, None
+        try:
+            int(meta["block_size"])
+            for side in ("rows", "cols"):
+                for start, n in meta["done"][side].items():
+                    int(start), int(n)
+                    sums = meta["sums"][side][start]
+                    if not isinstance(sums["K"], dict) or not isinstance(sums["regions"], list):
+                        raise TypeError("checksums")
+                    if "J" in sums:
+                        int(sums["J_bytes"])
+            for rec in meta["kernels"].values():
+                str(rec["file"]), int(rec["rows"]), int(rec["cols"]), _dtype(rec["dtype"])
+        except KeyError as e:
+            problem = f"it has no {e.args[0]!r} entry where a finished block needs one"
+        except (TypeError, ValueError, AttributeError) as e:
+            problem = f"a field has the wrong type ({e})"
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {self.dir}: {name} is damaged or was edited: {problem}; "
+                f"{self._fix()}"
+            )
 
     def _verify(self) -> None:
         """Before any use: every kernel file of finished blocks present at its size, their

@@ -39,8 +39,8 @@ _MAX_GPU_BLOCK = 512
 
 def model_device(model: nn.Module, device) -> torch.device:
     here = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device is not None and torch.device(device) != here:
-        want = torch.device(device)
+    want = None if device is None else validate.usable_device(device, "device")
+    if want is not None and want != here:
         if not (want.type == here.type and want.index is None):
             raise ValueError(
                 f"device={want} but the model is on {here}; move the model with model.to(device)"
@@ -192,6 +192,8 @@ def kernels(
     kernel_signs(kernel)  # validate before any work
     if outputs not in OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
+    if out_device is not None and not (isinstance(out_device, str) and out_device == "checkpoint"):
+        out_device = validate.usable_device(out_device, "out_device")
     from . import distributed  # it imports this module
 
     pg = distributed.resolve_group(group)
@@ -254,7 +256,7 @@ def _kernels(
     in_file = isinstance(out_device, str) and out_device == "checkpoint"
     if in_file and checkpoint is None:
         raise ValueError("out_device='checkpoint' is K in the file of checkpoint=DIR; pass both")
-    out_dev = job.device if out_device is None or in_file else torch.device(out_device)
+    out_dev = job.device if out_device is None or in_file else out_device
     ckpt, size = None, job.block_size
     if checkpoint is not None:
         settings = dict(kernel=kernel, outputs=outputs, precision=precision, groups=spans,

@@ -45,6 +45,34 @@ _POSITION = re.compile(r"wpe|pos", re.IGNORECASE)
 _GATHERS = {torch.gather, torch.Tensor.gather}
 
 
+def usable_device(value, name: str) -> torch.device:
+    """``value`` as a device this process can hold tensors on, or one ``ValueError`` that
+    names the argument ``name``, what was wrong and what to pass instead."""
+    hint = f"pass {name}=None, 'cpu' or a device such as 'cuda:0'"
+    if not isinstance(value, (str, torch.device)) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a device; {hint}")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device torch knows; {hint}") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}='meta' holds no values; {hint}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{name}={value!r} but torch sees no GPU (torch.cuda.is_available() is False); {hint}"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{name}={value!r} but torch sees {torch.cuda.device_count()} GPU(s); {hint}"
+        )
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}={value!r} cannot hold tensors here ({first}); {hint}") from None
+    return dev
+
+
 def _warn(message: str) -> None:
     """Warn at the caller's line (the first frame outside linft)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,6 +181,7 @@ def _check_tensors(batch: Batch, where: str) -> None:
                 f"{where}: {key!r} is on the meta device and holds no values; pass real "
                 "tensors (on 'cpu' or the model's device)"
             )
+    _check_shapes(batch, where)
     ids = batch.get("input_ids")
     if not isinstance(ids, torch.Tensor):
         return
@@ -165,6 +194,33 @@ def _check_tensors(batch: Batch, where: str) -> None:
         raise ValueError(
             f"{where}: input_ids has shape {tuple(ids.shape)}, no tokens per sample; pass at "
             "least one token per sample"
+        )
+
+
+# Token-level inputs of a batch and the numbers of dimensions the models take them in.
+_TOKEN_DIMS = {
+    "input_ids": (2,),
+    "token_type_ids": (2,),
+    "decoder_input_ids": (2,),
+    "attention_mask": (2, 4),  # [N, T], or a model's own [N, 1, T, T] mask
+    "decoder_attention_mask": (2, 4),
+}
+
+
+def _check_shapes(batch: Batch, where: str) -> None:
+    for key, dims in _TOKEN_DIMS.items():
+        v = batch.get(key)
+        if not isinstance(v, torch.Tensor) or v.dim() in dims:
+            continue
+        shape = tuple(v.shape)
+        if v.dim() > 2 and shape[-1] == 1:
+            fix = f"drop the trailing dimension ({key}.squeeze(-1))"
+        elif v.dim() == 1:
+            fix = f"for one sample pass {key}[None]"
+        else:
+            fix = "pass what the tokenizer returned (return_tensors='pt')"
+        raise ValueError(
+            f"{where}: {key} has shape {shape}, but it must be [N, T] (samples, tokens); {fix}"
         )
 
 
