@@ -96,8 +96,19 @@ def test_signgd_keeps_int8_signs(tmp_path):
     K = linft.ntk(model, a, kernel="signgd", batch_size=2, checkpoint=tmp_path)
     stored = load_file(str(tmp_path / "J_rows_0.safetensors"))["J"]
     assert stored.dtype == torch.int8 and set(stored.unique().tolist()) <= {-1, 0, 1}
-    S = torch.sign(run.jacobian(model, a, output=None, params="trainable", precision="fp32",
-                                batch_size=None, backend="auto", device=None, sign_rows=True))
+    S = torch.sign(
+        run.jacobian(
+            model,
+            a,
+            output=None,
+            params="trainable",
+            precision="fp32",
+            batch_size=None,
+            backend="auto",
+            device=None,
+            sign_rows=True,
+        )
+    )
     S = S.double()
     assert torch.equal(K.double(), torch.einsum("icp,jdp->icjd", S, S))
 

@@ -284,8 +284,7 @@ class Checkpoint:
             problem = f"a field has the wrong type ({e})"
         if problem is not None:
             raise CheckpointError(
-                f"checkpoint {self.dir}: {name} is damaged or was edited: {problem}; "
-                f"{self._fix()}"
+                f"checkpoint {self.dir}: {name} is damaged or was edited: {problem}; {self._fix()}"
             )
 
     def _verify(self) -> None:
