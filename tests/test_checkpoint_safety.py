@@ -328,6 +328,61 @@ def test_full_disk_is_an_os_error_naming_the_directory(tmp_path):
         assert not (directory / "K_all.bin").exists(), "the partial file is removed"
 
 
+_FULL_DISK_AT_J = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from models import random_lengths, roberta_classifier, token_batch
+import torch
+import linft
+torch.manual_seed(0)
+model = roberta_classifier()
+a = token_batch(random_lengths(5), pad_id=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # K and meta fit, a J block not
+try:
+    linft.ntk(model, a, batch_size=2, checkpoint=sys.argv[1], verify=False)
+    print(json.dumps(None))
+except OSError as e:
+    print(json.dumps([type(e).__name__, e.errno, str(e)]))
+"""
+
+
+def test_full_disk_while_a_jacobian_block_is_written_names_the_directory(tmp_path):
+    """A J block that does not fit (a file size limit, as a full disk) is an OSError naming
+    the file, the directory and the fix; once there is room the run resumes to the right K."""
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_AT_J, str(tmp_path), str(tests)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, f"the run died (signal {-run.returncode}): {run.stderr[-2000:]}"
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result is not None, "every file fitted: the limit no longer tests a J block"
+    kind, code, message = result
+    assert kind == "OSError" and code == errno.EFBIG
+    assert "J_rows_0.safetensors" in message and str(tmp_path) in message
+    assert "free space" in message and "resume" in message
+    assert not list(tmp_path.glob("*.tmp")), "the partial file is removed"
+    torch.manual_seed(0)  # the same model and inputs as the limited run
+    model = roberta_classifier()
+    a = token_batch(random_lengths(5), pad_id=1)
+    K = linft.ntk(model, a, batch_size=2, checkpoint=tmp_path, verify=False)
+    assert_rel_close(K, linft.ntk(model, a, verify=False), 1e-6)
+
+
+def test_checkpoint_that_is_a_file_is_named(tmp_path):
+    model = roberta_classifier()
+    a = token_batch(random_lengths(3), pad_id=1)
+    path = tmp_path / "run.ckpt"
+    path.write_text("notes")
+    with pytest.raises(CheckpointError, match=r"is a file, not a directory; pass checkpoint= a"):
+        linft.ntk(model, a, checkpoint=path)
+    with pytest.raises(CheckpointError, match=r"cannot create the checkpoint directory .*run"):
+        linft.ntk(model, a, checkpoint=path / "inside")
+    assert path.read_text() == "notes"
+
+
 @pytest.mark.parametrize("fallocate", [True, False])
 def test_kernel_file_is_reserved_and_shared(tmp_path, monkeypatch, fallocate):
     """Every block of K is on disk before the first tile (no sparse file), and a second

@@ -395,3 +395,58 @@ def test_demo_errors_are_one_line_and_exit_2(capsys, args):
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("linft")
+
+
+def _bad_input(tmp_path, case: str) -> tuple[list, list[str]]:
+    """Arguments of one bad input and the words its one-line error must hold."""
+    data = tmp_path / "data.csv"
+    rows = labelled_rows(6)
+    write_data(data, rows)
+    if case == "not utf-8":
+        text = data.read_bytes().replace(b"w1", b"caf\xe9", 1)  # Latin-1, row 1 or later
+        line = text[: text.index(b"\xe9")].count(b"\n") + 1
+        data.write_bytes(text)
+        return ["--data", data], [str(data), f"line {line}", "not UTF-8", "save the file as UTF-8"]
+    if case == "nan label":
+        rows[4]["label"] = "nan"
+        write_data(data, rows)
+        return ["--data", data], [str(data), "row 5", "'nan'", "missing", "give the row its label"]
+    if case == "max-samples 0":
+        return ["--data", data, "--max-samples", 0], ["--max-samples", "at least 1", "'0'"]
+    if case == "lora-r 0":
+        return ["--data", data, "--lora-r", 0], ["--lora-r", "at least 1", "leave it out"]
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case", ["not utf-8", "nan label", "max-samples 0", "lora-r 0"])
+def test_bad_input_names_the_cause_and_the_fix(tmp_path, capsys, base_and_adapter, case):
+    _, adapter_dir, _, _ = base_and_adapter
+    args, words = _bad_input(tmp_path, case)
+    out = tmp_path / "out"
+    capsys.readouterr()  # what building the fixture printed
+    try:
+        code = run("--model", adapter_dir, *args, "--label-field", "label", "--out", out)
+    except SystemExit as exited:  # argparse
+        code = exited.code
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_a_byte_order_mark_is_read(tmp_path, suffix):
+    """Spreadsheet programs start UTF-8 files with a BOM: the header is still 'text'."""
+    from linft.cli.load import read_table
+
+    rows = labelled_rows(5)
+    rows[2]["text"] = "crème brûlée"
+    path = (tmp_path / "data").with_suffix(suffix)
+    write_data(path, rows)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    table = read_table(path, "text", "label")
+    assert table.texts == [r["text"] for r in rows]
+    assert table.labels == [str(r["label"]) for r in rows]

@@ -65,7 +65,7 @@ def test_mismatched_keys(model, batch):
     other = {"input_ids": batch["input_ids"]}
     with pytest.raises(ValueError, match="same keys"):
         linft.ntk(model, [batch, other])
-    with pytest.raises(ValueError, match="inputs2"):
+    with pytest.raises(ValueError, match="inputs2"), pytest.warns(UserWarning, match="pad token"):
         linft.ntk(model, batch, other)
 
 
@@ -252,3 +252,38 @@ def test_mask_that_does_not_fit_the_ids(model, batch):
     batch["attention_mask"] = batch["attention_mask"][:, :-1]
     with pytest.raises(ValueError, match="pass the mask the tokenizer returned"):
         linft.ntk(model, batch)
+
+
+class _CountingHead(torch.nn.Module):
+    """A head that keeps state between calls: its output grows with each call."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.calls = head, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.head(*args, **kwargs) * (1 + 0.1 * self.calls)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_head_that_changes_between_calls_is_named(model, padded):
+    """Padded, the padding check sees the difference first; unpadded, the self-check. Either
+    names the head, not a LoRA module whose rows the changing head scales."""
+    inner = model.base_model.model
+    inner.classifier = _CountingHead(inner.classifier)
+    lengths = random_lengths(4) if padded else [7] * 4
+    batch = token_batch(lengths, pad_id=1)
+    error = ValueError if padded else linft.SelfCheckError
+    with pytest.raises(error, match=r"module 'base_model\.model\.classifier' gives another output"):
+        linft.ntk(model, batch)
+
+
+def test_a_repeatable_model_is_not_called_changing(model):
+    from linft.kernel.model_state import changing_module
+
+    batch = token_batch(random_lengths(4), pad_id=1)
+    model.eval()
+    assert changing_module(model, lambda: model(**batch)) is None
+    model.train()  # dropout: another output on every call
+    assert changing_module(model, lambda: model(**batch)) is not None

@@ -82,7 +82,8 @@ def test_mask_token_over_prompt_parameters():
         (pos,) = torch.nonzero(sample["input_ids"][0] == MASK_ID)[0].tolist()
         return out.logits[:, VIRTUAL + pos, LABEL_WORDS]
 
-    K = linft.ntk(model, batch, output=linft.outputs.mask_token(LABEL_WORDS, MASK_ID))
+    with pytest.warns(UserWarning, match="slow per-sample autograd path"):
+        K = linft.ntk(model, batch, output=linft.outputs.mask_token(LABEL_WORDS, MASK_ID))
     J = reference_jacobian(model, batch, at_the_mask, trainable_names(model))
     assert_rel_close(K, gram(J, J), FP32_REL, "roberta mlm, prompt tuning")
 
@@ -99,7 +100,7 @@ def test_left_padding_with_virtual_tokens_is_warned():
     right = token_batch([6, 2, 4], pad_id=0)
     for i, length in enumerate([6, 2, 4]):  # the same samples, right padded
         right["input_ids"][i, :length] = batch["input_ids"][i, -length:]
-    K_right = linft.ntk(model, right, output=output)
+    K_right, _ = _with_warnings(lambda: linft.ntk(model, right, output=output))
     J = reference_jacobian(model, right, output, trainable_names(model))
     assert_rel_close(K_right, gram(J, J), FP32_REL, "right padded")
     assert (K[1] - K_right[1]).norm() > 1e-3 * K_right[1].norm(), "left padding should differ"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,25 @@ class Table:
     splits: list[str] | None = None
 
 
+def _text(path: Path) -> str:
+    """The file as UTF-8 text; a byte-order mark (as spreadsheet programs write) is skipped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CLIError(
+            f"{path} line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _records(path: Path) -> list[dict]:
     if not path.is_file():
         raise CLIError(f"--data {path} is not a file; pass a .jsonl, .csv or .tsv file")
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -46,8 +61,8 @@ def _records(path: Path) -> list[dict]:
             records.append(record)
         return records
     if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="") as fh:
-            return list(csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+        lines = io.StringIO(_text(path), newline="")
+        return list(csv.DictReader(lines, delimiter="\t" if path.suffix == ".tsv" else ","))
     raise CLIError(f"--data {path} is not .jsonl, .csv or .tsv; convert it to one of these")
 
 
@@ -61,7 +76,21 @@ def _column(records: list[dict], path: Path, field: str, option: str) -> list[st
                 f"{path} row {number} {what} field {field!r} (fields: {', '.join(fields)}); "
                 f"fill it in or pass {option} naming another field"
             )
+    if option == "--label-field":
+        for number, record in enumerate(records, 1):
+            if _missing(record[field]):
+                raise CLIError(
+                    f"{path} row {number} has the label {record[field]!r} in field {field!r}, "
+                    "a missing value; give the row its label or remove it"
+                )
     return [r[field] if isinstance(r[field], str) else json.dumps(r[field]) for r in records]
+
+
+def _missing(value: object) -> bool:
+    """NaN as a table or a JSON writer spells a missing number."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in ("nan", "-nan", "na", "n/a")
 
 
 def read_table(

@@ -122,7 +122,7 @@ def _analyze_task(args):
         train, test = split_rows(len(texts), splits, args.test_fraction, args.seed)
         labels = torch.tensor(labels)
     spec = ModelSpec(
-        model=args.model, output=args.output, adapter=args.adapter, lora_r=args.lora_r,
+        model=args.model, output=args.output, adapter=args.adapter, lora_r=args.lora_r or 0,
         target_modules=args.target_modules, num_labels=len(classes) or None, seed=args.seed,
         device=args.device,
     )  # fmt: skip
@@ -180,6 +180,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+def _positive(option: str, meaning: str = ""):
+    """An argparse type: a whole number >= 1, else one sentence naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes a whole number of at least 1, got {text!r}{meaning}"
+            )
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, top: int) -> None:
     p.add_argument(
         "--ridge", type=float, default=0.0,
@@ -202,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo, top=8)
     demo.add_argument("--samples", type=int, default=64, help="sentences per split (<= 128)")
-    demo.add_argument("--lora-r", type=int, default=4)
+    demo.add_argument("--lora-r", type=_positive("--lora-r"), default=4)
     demo.add_argument("--out", help="also write report.json, kernel.safetensors, report.html")
     demo.set_defaults(func=_cmd_demo)
 
@@ -225,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--label-words", help="comma-separated label words for last-token / mask-token")
     an.add_argument("--adapter", help="peft adapter folder to load (trainable) on --model")
     an.add_argument(
-        "--lora-r", type=int, default=0,
+        "--lora-r", type=_positive("--lora-r", " (leave it out to analyze the model's own "
+                                   "trainable parameters)"),
         help="add a new seeded LoRA adapter of this rank (a classification head is trained too)",
     )  # fmt: skip
     an.add_argument("--target-modules", help="comma-separated module names for --lora-r")
@@ -235,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     an.add_argument("--batch-size", type=int)
     an.add_argument("--max-length", type=int, default=128)
-    an.add_argument("--max-samples", type=int)
+    an.add_argument("--max-samples", type=_positive("--max-samples"))
     an.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     _common(an, top=10)
     an.add_argument("--lr", type=float, help="step of the loss curve (default 1/(r/N + l_max/N))")

@@ -89,12 +89,38 @@ def _fill_zeros(fd: int, start: int, stop: int) -> None:
 
 def _write_atomic(path: Path, data: bytes, sync: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves the old or the new file
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        # A full disk, a quota or a file size limit: the finished blocks stay resumable.
+        raise OSError(
+            e.errno,
+            f"cannot write {path.name} ({len(data)} bytes) in the checkpoint {path.parent} "
+            f"({e.strerror or e}); free space on that disk (or raise the file size limit) and "
+            "run again to resume, or pass checkpoint= a directory on a disk with room",
+        ) from e
+
+
+def _make_directory(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint={str(path)!r} is a file, not a directory; pass checkpoint= a directory "
+            "(it is created if missing)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # A file on the way (NotADirectoryError), no permission, a read-only disk.
+        raise CheckpointError(
+            f"cannot create the checkpoint directory {path} ({e.strerror or e}); pass "
+            "checkpoint= a directory this process can create and write"
+        ) from e
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -125,7 +151,7 @@ class Checkpoint:
         self._maps: dict[str, torch.Tensor] = {}
         parts = dict(key) if isinstance(key, Mapping) else None
         key = _sha(parts) if parts is not None else key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _make_directory(self.dir)
         meta_path = self.dir / meta_name
         if meta_path.exists():
             meta = self._read_meta(meta_path)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .batches import Batch, batch_size, slice_batch, to_device
+from .model_state import changing_message, changing_module, evaluation_mode
 
 _POSITION = re.compile(r"wpe|pos", re.IGNORECASE)
 _GATHERS = {torch.gather, torch.Tensor.gather}
@@ -170,7 +171,8 @@ def check_batches(model: nn.Module, batches: list[Batch], name: str) -> None:
         start += batch_size(batch, where)
     if _has_other_embeddings(model, emb):
         _check_positions(model, batches, name)
-    _warn_padding(model, batches, name)
+    with evaluation_mode(model):  # as the run sees it: no dropout
+        _warn_padding(model, batches, name)
     _warn_pad_without_mask(model, batches, name)
 
 
@@ -483,6 +485,9 @@ def _warn_padding(model: nn.Module, batches: list[Batch], name: str) -> None:
     err = float((p - a).norm() / a.norm().clamp_min(1e-300))
     if not err > _PADDING_TOLERANCE.get(out_a.dtype, _LOW_PRECISION_TOLERANCE):
         return
+    changing = changing_module(_root(model), lambda: _run(model, padded))
+    if changing is not None:  # not the padding: the same input gives another output
+        raise ValueError(f"{name}: {changing_message(changing)}")
     side = "left" if not bool(mask[0]) else "right"
     moved = _moved_lookup(model, looked_p, looked_a, width, keep)
     if moved is not None:

@@ -27,6 +27,7 @@ from ..backends import TORCH_OPS
 from ..params import module_group
 from .batches import batch_size, slice_batch, to_device
 from .gram import kernel_signs
+from .model_state import changing_message, changing_module
 
 # (rtol, atol) per precision: a group's rows pass when ||fast - autograd|| <= rtol *
 # ||autograd rows of the group|| + atol * ||autograd rows of the whole sample||. atol
@@ -212,6 +213,19 @@ def checked(
         yield start, J, done
 
 
+def _refuse_a_changing_model(job, batch, start: int, found: Mismatch) -> None:
+    """A model whose output changes between calls on the same input fails the check in
+    whichever module its change reaches: name the module that changes instead."""
+    if found.sample is None:
+        return
+    sample = slice_batch(batch, found.sample - start, found.sample - start + 1)
+    dtype = next((p.dtype for p in job.model.parameters() if p.is_floating_point()), None)
+    sample = dict(to_device(sample, job.device, dtype))
+    name = changing_module(job.model, lambda: job.model(**sample))
+    if name is not None:
+        raise SelfCheckError(f"linft's self-check failed: {changing_message(name)}")
+
+
 def _batch_at(block_list: list, start: int, n: int):
     for s, batch in block_list:
         if s <= start < s + batch_size(batch):
@@ -226,6 +240,7 @@ def _verified(job, engine, block_list, start, J, total, kernel) -> torch.Tensor:
         found = _check_tile(job, J, kernel)
     if found is None:
         return J
+    _refuse_a_changing_model(job, batch, start, found)
     message = _describe(found, job)
     if job.backend == "auto" and job.ops is not TORCH_OPS:
         warnings.warn(
