@@ -62,10 +62,13 @@ def _label_ids(label_token_ids: Sequence[int] | torch.Tensor | None, device) -> 
 
 
 def logits() -> OutputFn:
-    """``model_output.logits`` of shape ``[n, C]`` (sequence classification)."""
+    """``model_output.logits`` of shape ``[n, C]`` (sequence classification); a model that
+    returns a plain tensor: that tensor, flattened per sample (``[n, ...]`` as ``[n, C]``)."""
 
     def read(model_output: object, batch: Mapping[str, object]) -> torch.Tensor:
         out = _logits_of(model_output)
+        if isinstance(model_output, torch.Tensor) and out.dim() > 2:
+            return out.reshape(out.shape[0], -1)  # a plain network's output: every entry
         if out.dim() > 2:
             raise ValueError(
                 f"the model's logits have shape {tuple(out.shape)} (one row per token), so "

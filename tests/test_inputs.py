@@ -127,8 +127,8 @@ def test_no_samples(inputs):
 @pytest.mark.parametrize(
     "inputs, error, words",
     [
-        (torch.ones(2, 4, dtype=torch.long), TypeError, r"\{'input_ids': ids"),
-        ([torch.ones(4, dtype=torch.long)], TypeError, r"\{'input_ids': ids"),
+        (torch.ones(2, 4), TypeError, r"input_ids\.long\(\)"),
+        (torch.ones(2, 4, 1, dtype=torch.long), ValueError, r"input_ids has shape \(2, 4, 1\)"),
         ([{"input_ids": [5, 6], "text": "a b"}], TypeError, r"remove_columns\(\['text'\]\)"),
         ({"input_ids": [[5, 6]], "text": [["a b"]]}, TypeError, r"remove_columns\(\['text'\]\)"),
         ([{"input_ids": [5, 6]}, {"input_ids": [[5, 6]]}], ValueError, "list of examples or"),
@@ -138,8 +138,8 @@ def test_no_samples(inputs):
         ({"input_ids": torch.ones(2, 3)}, TypeError, r"input_ids\.long\(\)"),
     ],
     ids=[
-        "bare tensor",
-        "list of tensors",
+        "bare float tensor",
+        "bare 3-D tensor",
         "text column",
         "text in a batch",
         "mixed",
@@ -153,6 +153,17 @@ def test_inputs_that_name_their_fix(inputs, error, words):
     model = roberta_classifier()
     with pytest.raises(error, match=words):
         linft.ntk(model, inputs)
+
+
+def test_a_bare_tensor_is_the_forwards_first_input():
+    """``model(ids)`` binds ids to a Hugging Face model's ``input_ids``: the same kernel as
+    the mapping, and the same checks (an id out of range is named)."""
+    model = roberta_classifier()
+    ids = token_batch([5, 5, 5], pad_id=1)["input_ids"]
+    K = linft.ntk(model, ids)
+    assert torch.equal(K, linft.ntk(model, {"input_ids": ids}))
+    with pytest.raises(ValueError, match="input_ids"):
+        linft.ntk(model, ids.masked_fill(ids == ids[0, 1], 10**6))
 
 
 # ----- padding -------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ sample dimension N), or one sentence that names the fix.
 
 Accepted: a tokenizer's output (a mapping of tensors, NumPy arrays or lists, padded or
 ragged), one example (1-D ``input_ids``), a list of per-example mappings (the rows of a
-``datasets.Dataset``), or an iterable of batches (a DataLoader). Examples of unequal length
+``datasets.Dataset``), a tensor (the model is called ``model(x)``) or a tuple of tensors
+(``model(*xs)``), each with the samples along its first dimension, or an iterable of any
+of these batches (a DataLoader). Examples of unequal length
 are collated into one batch, right padded to the longest: ``input_ids`` with the model's pad
 token id, the other keys with their usual fill (``_FILL``), and an ``attention_mask`` that
 marks the padding is added when none is given. Right padding leaves every real token at its
@@ -36,6 +38,76 @@ _PADDED_HINT = "pass a padded batch (tokenizer(texts, padding=True, return_tenso
 
 class _Ragged(Exception):
     """A list whose rows have different lengths (collated row by row instead)."""
+
+
+# Positional inputs (a tensor: ``model(x)``; a tuple of tensors: ``model(*xs)``) sit in a
+# batch under these keys, in order, so that every stage slices, moves, checks and
+# fingerprints them as it does named inputs; ``arguments`` gives them back to the model.
+_ARG = "args[{}]"
+
+
+def _arg_index(key: object) -> int | None:
+    if isinstance(key, str) and key.startswith("args[") and key.endswith("]"):
+        inner = key[5:-1]
+        return int(inner) if inner.isdigit() else None
+    return None
+
+
+def arguments(batch: Batch) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the model's call on ``batch``."""
+    positional = sorted((i, k) for k in batch if (i := _arg_index(k)) is not None)
+    args = tuple(batch[k] for _, k in positional)
+    return args, {k: v for k, v in batch.items() if _arg_index(k) is None}
+
+
+def call(model, batch: Batch):
+    """The model's output on ``batch``: positional inputs as positional arguments."""
+    args, kwargs = arguments(batch)
+    return model(*args, **kwargs)
+
+
+def _is_positional(inputs: object) -> bool:
+    """One batch of positional inputs: a tensor or array, or a tuple of them."""
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        return True
+    return (
+        isinstance(inputs, tuple)
+        and bool(inputs)
+        and all(isinstance(x, (torch.Tensor, np.ndarray)) for x in inputs)
+    )
+
+
+def _as_mapping(item: object, names: Sequence[str] = ()) -> object:
+    """A tensor or a tuple of tensors as a batch: under the names of the forward's
+    parameters that take them (``names``; a Hugging Face model's first is ``input_ids``, so
+    every check of named inputs applies), positional beyond those; anything else as is."""
+    if not _is_positional(item):
+        return item
+    xs = item if isinstance(item, tuple) else (item,)
+    return {(names[i] if i < len(names) else _ARG.format(i)): x for i, x in enumerate(xs)}
+
+
+def positional_names(model) -> tuple[str, ...]:
+    """The names a call ``model(*xs)`` binds its leading arguments to, as far as they can be
+    passed by keyword (none for a positional-only ``forward(self, x, /)`` or ``*args``)."""
+    import inspect
+
+    root = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its eager module
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    kinds = {p.kind for p in params}
+    passes_on = kinds == {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    base = getattr(root, "get_base_model", None)
+    if passes_on and callable(base):  # a peft wrapper: forward(*args, **kwargs) to its model
+        return positional_names(base())
+    names = []
+    for p in params:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
 
 
 def batch_size(batch: Batch, where: str = "inputs") -> int:
@@ -187,24 +259,27 @@ def _not_inputs(inputs: object, name: str) -> TypeError:
     got = type(inputs).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
     return TypeError(
         f"{name} must be a mapping such as {{'input_ids': ids, 'attention_mask': mask}} (a "
-        f"tokenizer's output), a list of per-example mappings or an iterable of batches "
-        f"(a DataLoader), got {got}"
+        f"tokenizer's output), a tensor (model(x)) or a tuple of tensors (model(*xs)), a list "
+        f"of per-example mappings or an iterable of batches (a DataLoader), got {got}"
     )
 
 
 def split(
-    inputs: Batch | Iterable[Batch], name: str = "inputs", pad_id: int | None = None
+    inputs: Batch | Iterable[Batch],
+    name: str = "inputs",
+    pad_id: int | None = None,
+    names: Sequence[str] = (),
 ) -> tuple[list[Batch], int]:
     """The caller's batches, as mappings of tensors, and the total number of samples N.
 
-    ``pad_id``: the model's pad token id, for collating examples of unequal length.
+    ``pad_id``: the model's pad token id, for collating examples of unequal length;
+    ``names``: what the model's forward calls its leading positional inputs
+    (``positional_names``).
     """
-    if isinstance(inputs, Mapping):
-        items, whole = [inputs], True
-    elif isinstance(inputs, Iterable) and not isinstance(
-        inputs, (str, bytes, torch.Tensor, np.ndarray)
-    ):
-        items, whole = list(inputs), False
+    if isinstance(inputs, Mapping) or _is_positional(inputs):
+        items, whole = [_as_mapping(inputs, names)], True
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        items, whole = [_as_mapping(item, names) for item in inputs], False
     else:
         raise _not_inputs(inputs, name)
     for b, item in enumerate(items):

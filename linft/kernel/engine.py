@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..backends import Ops
-from .batches import Batch, batch_size, slice_batch, to_device
+from .batches import Batch, arguments, batch_size, slice_batch, to_device
 from .capture import Capture, LoraUnit, Plan, sequence_length, unit_tensors, warn_unused
 
 
@@ -53,7 +53,8 @@ class JacobianEngine:
             )
 
     def _forward(self, batch: Batch) -> torch.Tensor:
-        out = functional_call(self.model, self.tensors, args=(), kwargs=dict(batch))
+        args, kwargs = arguments(batch)
+        out = functional_call(self.model, self.tensors, args=args, kwargs=kwargs)
         f = self.output(out, batch)
         if not isinstance(f, torch.Tensor):
             raise TypeError(f"output must return a tensor [n, C], got {type(f).__name__}")

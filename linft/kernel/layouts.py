@@ -37,7 +37,7 @@ import torch
 
 from ..backends import matmul_precision
 from ..params import column_offsets, parameter_dtype
-from .batches import Batch, batch_size, slice_batch, to_device
+from .batches import Batch, batch_size, call, slice_batch, to_device
 from .capture import LEADING, Capture, Layout, LoraUnit, Plan, samples_first, sequence_length
 from .model_state import evaluation_mode
 
@@ -128,7 +128,7 @@ def _observe(job, plan: Plan, batch: Batch) -> list[list[_Seen]]:
 
     capture = Capture(plan, keep=seen)
     with evaluation_mode(job.model), matmul_precision("fp32"), torch.no_grad(), capture:
-        job.model(**batch)
+        call(job.model, batch)
     return capture.calls
 
 

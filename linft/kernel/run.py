@@ -21,7 +21,7 @@ from ..backends import compute_dtype, kernel_dtype, matmul_precision, resolve_op
 from ..outputs import default_output
 from ..params import ParamSpec, column_offsets, group_columns, parameter_dtype, select_params
 from . import layouts, signs, validate
-from .batches import Batch, blocks, check_same_keys, split
+from .batches import Batch, blocks, check_same_keys, positional_names, split
 from .capture import build_plan
 from .checkpoint import Checkpoint
 from .engine import JacobianEngine, iterate_blocks
@@ -126,11 +126,12 @@ def prepare(
         batch_size=batch_size, device=device,
     )  # fmt: skip
     job.backend, job.verify = backend, bool(verify)
-    batches, n_rows = split(inputs, "inputs", validate.pad_token_id(model))
+    pad, names = validate.pad_token_id(model), positional_names(model)
+    batches, n_rows = split(inputs, "inputs", pad, names)
     validate.check_batches(model, batches, "inputs")
     batches2, n_cols = None, n_rows
     if inputs2 is not None:
-        batches2, n_cols = split(inputs2, "inputs2", validate.pad_token_id(model))
+        batches2, n_cols = split(inputs2, "inputs2", pad, names)
         validate.check_batches(model, batches2, "inputs2")
         check_same_keys(batches, batches2)
     batches = _without_inference_tensors(batches)

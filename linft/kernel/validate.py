@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .batches import Batch, batch_size, slice_batch, to_device
+from .batches import Batch, batch_size, call, slice_batch, to_device
 from .model_state import changing_message, changing_module, evaluation_mode
 
 _POSITION = re.compile(r"wpe|pos", re.IGNORECASE)
@@ -344,7 +344,7 @@ def _lookups(model: nn.Module, sample: Batch) -> _Lookups:
     mode = _Lookups()
     try:
         with torch.no_grad(), mode:
-            root(**sample)
+            call(root, sample)
     except _Stop:
         pass
     finally:
@@ -515,7 +515,7 @@ def _run(model: nn.Module, sample: Batch) -> tuple[torch.Tensor | None, list]:
         sample = to_device(sample, p.device, dtype)
     mode = _Lookups()
     with torch.no_grad(), mode:
-        out = root(**sample)
+        out = call(root, sample)
     return _output_tensor(out), mode.calls
 
 

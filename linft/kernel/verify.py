@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from ..backends import TORCH_OPS
 from ..params import module_group
-from .batches import batch_size, slice_batch, to_device
+from .batches import arguments, batch_size, call, slice_batch, to_device
 from .gram import kernel_signs
 from .model_state import changing_message, changing_module
 
@@ -100,7 +100,8 @@ def autograd_rows(job, sample) -> torch.Tensor:
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference in full precision
     try:
-        out = functional_call(model, tensors, args=(), kwargs=dict(sample))
+        args, kwargs = arguments(sample)
+        out = functional_call(model, tensors, args=args, kwargs=kwargs)
         f = job.output(out, sample)
         f = f.reshape(1, -1) if f.dim() <= 1 else f
         leaves = [tensors[n] for n in names]
@@ -221,7 +222,7 @@ def _refuse_a_changing_model(job, batch, start: int, found: Mismatch) -> None:
     sample = slice_batch(batch, found.sample - start, found.sample - start + 1)
     dtype = next((p.dtype for p in job.model.parameters() if p.is_floating_point()), None)
     sample = dict(to_device(sample, job.device, dtype))
-    name = changing_module(job.model, lambda: job.model(**sample))
+    name = changing_module(job.model, lambda: call(job.model, sample))
     if name is not None:
         raise SelfCheckError(f"linft's self-check failed: {changing_message(name)}")
 
