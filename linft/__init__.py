@@ -6,11 +6,12 @@ fast path is loaded when first used, and pure torch serves when it is absent.
 
 # Submodules first, then the functions: linft.jacobian, linft.ntk and
 # linft.spectrum name the public functions, not the modules of the same name.
-from . import outputs, params
+from . import outputs, params, rules
 from .api import jacobian, layer_ntks, ntk
 from .dynamics import kernel_regression, linearized_loss, min_lora_rank, steps_to_loss
 from .eig import Eig, topk_eigh
 from .kernel.verify import SelfCheckError
+from .rules import Rule, register_rule, unregister_rule
 from .select import Selection, select_layers
 from .sharded import JacobianShard, KernelShard
 from .spectrum import Spectrum, spectrum
@@ -21,6 +22,7 @@ __all__ = [
     "Eig",
     "JacobianShard",
     "KernelShard",
+    "Rule",
     "SelfCheckError",
     "Selection",
     "Spectrum",
@@ -32,8 +34,11 @@ __all__ = [
     "ntk",
     "outputs",
     "params",
+    "register_rule",
+    "rules",
     "select_layers",
     "spectrum",
     "steps_to_loss",
     "topk_eigh",
+    "unregister_rule",
 ]

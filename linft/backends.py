@@ -14,14 +14,14 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from .ops import gram_symmetric, gram_tile, linear_jacobian, lora_jacobian
+from .ops import gram_symmetric, gram_tile
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 BACKENDS = ("auto", "triton", "torch")
@@ -29,14 +29,19 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class Ops:
+    """A backend's ops: the Gram tiles, and per rule name the Jacobian op that replaces the
+    rule's pure-torch ``torch_op`` (Triton's fused twins; none on the torch backend)."""
+
     name: str
-    linear_jacobian: Callable
-    lora_jacobian: Callable
     gram_tile: Callable
     gram_symmetric: Callable
+    jacobian: Mapping[str, Callable] = field(default_factory=dict)
+
+    def rows_op(self, rule) -> Callable | None:
+        return self.jacobian.get(rule.name, rule.torch_op)
 
 
-TORCH_OPS = Ops("torch", linear_jacobian, lora_jacobian, gram_tile, gram_symmetric)
+TORCH_OPS = Ops("torch", gram_tile, gram_symmetric)
 
 
 def triton_kernels() -> ModuleType:
@@ -94,7 +99,19 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
         plain = a.dtype == torch.float32 and not sign
         (gram_symmetric if plain else tk.gram_symmetric)(a, out, sign)
 
-    return Ops("triton", tk.linear_jacobian, tk.lora_jacobian, gram_tile_, gram_symmetric_)
+    return Ops("triton", gram_tile_, gram_symmetric_, _fused_twins(tk))
+
+
+def _fused_twins(tk: ModuleType) -> dict[str, Callable]:
+    """Rule name -> the Triton twin of its ``torch_op``, for every registered rule that has
+    one (``Rule.triton_op``)."""
+    from .rules import registered_rules
+
+    return {
+        rule.name: getattr(tk, rule.triton_op)
+        for rule in registered_rules()
+        if rule.triton_op is not None and hasattr(tk, rule.triton_op)
+    }
 
 
 def compute_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype:

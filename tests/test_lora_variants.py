@@ -130,10 +130,11 @@ def test_gpt2_conv1d_full_weights_and_biases():
     patterns = ["*h.0.mlp.c_fc.weight", "*h.0.mlp.c_fc.bias", "*h.1.attn.c_attn.base_layer.weight"]
     names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
     assert len(names) == 3
-    from linft.kernel.capture import LinearUnit, build_plan
+    from linft.kernel.capture import build_plan
     from linft.params import column_offsets, select_params
 
     selected = select_params(model, patterns)
     plan = build_plan(model, selected, column_offsets(selected)[0])
-    assert not plan.generic and all(isinstance(u, LinearUnit) and u.transposed for u in plan.units)
+    assert not plan.generic
+    assert all(u.rule.name == "linear" and type(u.module).__name__ == "Conv1D" for u in plan.units)
     _check(model, batch, output, names=names, params=patterns)

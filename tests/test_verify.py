@@ -45,6 +45,11 @@ def _use_ops(monkeypatch, ops):
     monkeypatch.setattr(run, "resolve_ops", lambda backend, device: ops)
 
 
+def _with_lora_op(op, name="torch"):
+    """The torch ops with LoRA's Jacobian op replaced (as a backend's fused twin is)."""
+    return dataclasses.replace(TORCH_OPS, name=name, jacobian={"lora": op})
+
+
 def _lora_names(model) -> list[str]:
     return [n for n in trainable_names(model) if "lora_" in n]
 
@@ -58,7 +63,7 @@ def _reference_kernel(model, batch):
 def test_wrong_jacobian_rows_raise_naming_the_module(monkeypatch, broken):
     model = roberta_classifier()
     batch = architecture_batch("roberta_cls", 5)
-    _use_ops(monkeypatch, dataclasses.replace(TORCH_OPS, lora_jacobian=broken))
+    _use_ops(monkeypatch, _with_lora_op(broken))
     with pytest.raises(SelfCheckError, match=r"module .*\.(query|value) \(sample \d\)"):
         linft.ntk(model, batch, params="lora", backend="torch", batch_size=3)
     with pytest.raises(SelfCheckError, match="differs from plain autograd"):
@@ -73,7 +78,7 @@ def test_wrong_jacobian_rows_raise_naming_the_module(monkeypatch, broken):
 def test_auto_backend_leaves_a_failing_fast_path_for_pure_torch(monkeypatch):
     model = roberta_classifier()
     batch = architecture_batch("roberta_cls", 5)
-    broken = dataclasses.replace(TORCH_OPS, name="triton", lora_jacobian=_rolled_lora)
+    broken = _with_lora_op(_rolled_lora, name="triton")
     _use_ops(monkeypatch, broken)
     with pytest.warns(UserWarning, match=r"self-check failed: on the triton path.*pure-torch"):
         K = linft.ntk(model, batch, params="lora", backend="auto", batch_size=2)
@@ -171,6 +176,6 @@ def test_bf16_weights_are_checked_against_a_reference_as_exact_as_the_run(arch, 
 def test_a_wrong_rule_is_still_caught_on_bf16_weights(monkeypatch):
     model = roberta_classifier().to(torch.bfloat16)
     batch = architecture_batch("roberta_cls", 5)
-    _use_ops(monkeypatch, dataclasses.replace(TORCH_OPS, lora_jacobian=_misscaled_lora))
+    _use_ops(monkeypatch, _with_lora_op(_misscaled_lora))
     with pytest.raises(SelfCheckError, match=r"module .*\.(query|value) \(sample \d\)"):
         linft.ntk(model, batch, params="lora", backend="torch")

@@ -3,13 +3,12 @@
 A *plan* assigns every selected parameter to the cheapest exact way of getting
 its per-sample Jacobian columns:
 
-- ``LoraUnit``: a peft LoRA ``Linear`` (over ``nn.Linear`` or transformers'
-  ``Conv1D``): its input ``x`` and output gradient ``g`` give ``dA`` and ``dB``
-  for every active adapter (papers.md, "LoRA structure");
-- ``LinearUnit``: a plain ``nn.Linear`` / ``Conv1D`` (a head, full fine-tuning):
-  ``dW = sum_t g_t x_t^T``, ``db = sum_t g_t``;
-- generic: anything else (norms, embeddings, tied or DoRA weights), and any unit
-  whose activations hold no sample dimension that an exact rule can read
+- a *unit*: a module whose rule (``linft.rules``: registered by module type, LoRA
+  and linear built in) claims the parameter; a hook keeps the module's input ``x``
+  and output, the backward passes give its output gradient ``g``, and the rule
+  writes the unit's rows from them;
+- generic: anything no rule claims (norms, embeddings, tied or DoRA weights), and
+  any unit whose activations hold no sample dimension that a rule can read
   (``layouts.probe``), gets exact per-sample gradients from one backward per
   sample and output.
 
@@ -27,21 +26,13 @@ gradients.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..params import lora_layer_class
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
+from ..rules import GENERIC, Rule, rules_for
 
 
 @dataclass(frozen=True)
@@ -79,30 +70,23 @@ LEADING = Layout()
 
 
 @dataclass
-class LinearUnit:
-    """A plain linear module whose weight and/or bias are selected."""
+class Unit:
+    """A module whose rule claims some of the selected parameters: ``cols`` maps each of the
+    rule's slots to the first column of its parameter."""
 
+    rule: Rule
     name: str
     module: nn.Module
-    col_W: int | None = None
-    col_b: int | None = None
-    transposed: bool = False  # Conv1D stores its weight as [d_in, d_out]
+    cols: dict[Hashable, int] = field(default_factory=dict)
     layout: Layout = LEADING
 
-
-@dataclass
-class LoraUnit:
-    """A peft LoRA Linear layer; ``cols`` maps adapter -> (col_A, col_B)."""
-
-    name: str
-    module: nn.Module
-    cols: dict[str, list[int | None]] = field(default_factory=dict)
-    layout: Layout = LEADING
+    def columns(self) -> list[int]:
+        return list(self.cols.values())
 
 
 @dataclass
 class Plan:
-    units: list[LinearUnit | LoraUnit]
+    units: list[Unit]
     generic: list[tuple[str, int, int]]  # (parameter name, first column, numel)
     num_columns: int
     # modules moved from units to generic because no fused rule reads their layout: reason
@@ -123,80 +107,61 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     return owners
 
 
-def _lora_parent(model: nn.Module, mod_name: str) -> tuple[str, nn.Module, str, str] | None:
-    """For ``<layer>.lora_A.<adapter>``, the LoRA layer, its name, container and adapter."""
-    parts = mod_name.split(".")
-    if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B"):
-        return None
-    layer_name = ".".join(parts[:-2])
-    layer = model.get_submodule(layer_name)
-    layer_cls = lora_layer_class()
-    if layer_cls is None or not isinstance(layer, layer_cls):
-        return None
-    return layer_name, layer, parts[-2], parts[-1]
-
-
-def _is_plain_lora_linear(layer: nn.Module, adapter: str) -> bool:
-    """Vanilla LoRA on a linear base: the formulas of papers.md hold exactly."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return False
-    variants = getattr(layer, "lora_variant", {}) or {}
-    use_dora = getattr(layer, "use_dora", {}) or {}
-    return (
-        type(layer) is LoraLinear
-        and adapter not in variants
-        and not use_dora.get(adapter, False)
-        and type(layer.lora_A[adapter]) is nn.Linear
-        and type(layer.lora_B[adapter]) is nn.Linear
-    )
+def _claim(
+    modules: dict[str, nn.Module], mod_name: str, attr: str
+) -> tuple[Rule, str, nn.Module, Hashable] | None:
+    """The first rule of the parameter's enclosing modules, outermost first, that claims
+    it: (rule, unit module name, unit module, slot). Outermost first: a LoRA layer's rule
+    sees ``lora_A.default.weight`` before ``nn.Linear``'s rule sees its ``weight``."""
+    parts = mod_name.split(".") if mod_name else []
+    for depth in range(len(parts) + 1):
+        name = ".".join(parts[:depth])
+        module = modules[name]
+        rules = rules_for(module)
+        if not rules:
+            continue
+        path = ".".join([*parts[depth:], attr])
+        for rule in rules:
+            slot = rule.slot(module, path)
+            if slot is GENERIC:
+                return None
+            if slot is not None:
+                return rule, name, module, slot
+    return None
 
 
 def build_plan(
     model: nn.Module, selected: list[tuple[str, nn.Parameter]], offsets: dict[str, int]
 ) -> Plan:
     owners = _owners(model)
-    conv1d = _conv1d_class()
-    lora_units: dict[str, LoraUnit] = {}
-    linear_units: dict[str, LinearUnit] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    units: dict[str, Unit] = {}
     generic: list[tuple[str, int, int]] = []
     for name, p in selected:
         col = offsets[name]
         holders = owners.get(id(p), [])
-        if len(holders) != 1:  # tied or unowned: only the leaf itself sees every use
+        claim = None
+        if len(holders) == 1:  # tied or unowned: only the leaf itself sees every use
+            mod_name, _, attr = holders[0]
+            claim = _claim(modules, mod_name, attr)
+        if claim is None:
             generic.append((name, col, p.numel()))
             continue
-        mod_name, module, attr = holders[0]
-        lora = _lora_parent(model, mod_name)
-        if lora is not None:
-            layer_name, layer, container, adapter = lora
-            if attr == "weight" and _is_plain_lora_linear(layer, adapter):
-                unit = lora_units.setdefault(layer_name, LoraUnit(layer_name, layer))
-                cols = unit.cols.setdefault(adapter, [None, None])
-                cols[0 if container == "lora_A" else 1] = col
-            else:
-                generic.append((name, col, p.numel()))
+        rule, unit_name, module, slot = claim
+        unit = units.setdefault(unit_name, Unit(rule, unit_name, module))
+        if unit.rule is not rule:  # two rules on one module: the first one's unit keeps it
+            generic.append((name, col, p.numel()))
             continue
-        is_linear = type(module) is nn.Linear
-        is_conv1d = conv1d is not None and type(module) is conv1d
-        if (is_linear or is_conv1d) and attr in ("weight", "bias"):
-            unit = linear_units.setdefault(
-                mod_name, LinearUnit(mod_name, module, transposed=is_conv1d)
-            )
-            setattr(unit, "col_W" if attr == "weight" else "col_b", col)
-            continue
-        generic.append((name, col, p.numel()))
-    units: list[LinearUnit | LoraUnit] = [*lora_units.values(), *linear_units.values()]
+        unit.cols[slot] = col
     num_columns = sum(p.numel() for _, p in selected)
-    return Plan(units, generic, num_columns)
+    return Plan(list(units.values()), generic, num_columns)
 
 
 @dataclass
 class _Call:
     x: torch.Tensor  # [n, T, d_in], detached
     y: torch.Tensor  # the module output, still in the graph
-    adapters: tuple[str, ...] = ()
+    adapters: tuple = ()  # the call's tags (``Rule.keep``): LoRA's active adapters
 
 
 class Capture:
@@ -212,8 +177,7 @@ class Capture:
 
     def __enter__(self) -> Capture:
         for i, unit in enumerate(self.plan.units):
-            hook = self._lora_hook(i) if isinstance(unit, LoraUnit) else self._linear_hook(i)
-            self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+            self._handles.append(unit.module.register_forward_hook(self._hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -228,32 +192,18 @@ class Capture:
     def _input(args: tuple, kwargs: dict) -> torch.Tensor:
         x = args[0] if args else kwargs.get("x", kwargs.get("input"))
         if not isinstance(x, torch.Tensor):
-            raise TypeError("a hooked linear module was called without a tensor input")
+            raise TypeError("a hooked module was called without a tensor input")
         return x
 
-    def _linear_hook(self, i: int):
-        def hook(module, args, kwargs, output):
-            if self.enabled:
-                self.calls[i].append(self.keep(_Call(self._input(args, kwargs).detach(), output)))
-
-        return hook
-
-    def _lora_hook(self, i: int):
+    def _hook(self, i: int):
         unit = self.plan.units[i]
 
         def hook(module, args, kwargs, output):
             if not self.enabled:
                 return
-            if kwargs.get("adapter_names") is not None:
-                raise ValueError(
-                    f"{unit.name} was called with adapter_names (mixed-adapter batch); "
-                    "linft needs one set of active adapters: call model.set_adapter(...) instead"
-                )
-            if module.disable_adapters or module.merged:
-                return  # the adapters do not take part in this forward
-            active = tuple(a for a in module.active_adapters if a in unit.cols)
-            if active:
-                call = _Call(self._input(args, kwargs).detach(), output, active)
+            tags = unit.rule.keep(unit, module, args, kwargs)
+            if tags is not None:
+                call = _Call(self._input(args, kwargs).detach(), output, tuple(tags))
                 self.calls[i].append(self.keep(call))
 
         return hook
@@ -372,11 +322,8 @@ def unit_tensors(
 def warn_unused(plan: Plan, capture: Capture) -> None:
     unused = []
     for unit, calls in zip(plan.units, capture.calls, strict=True):
-        if isinstance(unit, LoraUnit):
-            seen = {a for call in calls for a in call.adapters}
-            unused += [f"{unit.name} (adapter {a!r})" for a in unit.cols if a not in seen]
-        elif not calls:
-            unused.append(unit.name)
+        tags = {t for call in calls for t in call.adapters}
+        unused += unit.rule.unused(unit, tags, bool(calls))
     if unused:
         warnings.warn(
             f"selected parameters of {unused} took no part in the forward pass (inactive, "

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from ..backends import Ops
 from .batches import Batch, arguments, batch_size, slice_batch, to_device
-from .capture import Capture, LoraUnit, Plan, sequence_length, unit_tensors, warn_unused
+from .capture import Capture, Plan, sequence_length, unit_tensors, warn_unused
 
 
 class JacobianEngine:
@@ -46,9 +46,9 @@ class JacobianEngine:
         self._warned_unused = False
         if plan.generic_modules():
             warnings.warn(
-                f"parameters of {plan.generic_modules()} are not LoRA or linear weights: they "
-                "take the exact but slow per-sample autograd path (one backward per sample "
-                "and output)",
+                f"parameters of {plan.generic_modules()} have no rule (linft.register_rule): "
+                "they take the exact but slow per-sample autograd path (one backward per "
+                "sample and output)",
                 stacklevel=4,
             )
 
@@ -143,17 +143,8 @@ class JacobianEngine:
                 unit.layout,
                 seq_len,
             )
-            if isinstance(unit, LoraUnit):
-                active = {a for k in idx for a in calls[k][1].adapters}
-                for adapter, (col_A, col_B) in unit.cols.items():
-                    if adapter not in active:
-                        continue
-                    A = unit.module.lora_A[adapter].weight.detach()
-                    B = unit.module.lora_B[adapter].weight.detach()
-                    s = float(unit.module.scaling[adapter])
-                    self.ops.lora_jacobian(x, g, A, B, s, m, J, col_A, col_B)
-            else:
-                self.ops.linear_jacobian(x, g, m, J, unit.col_W, unit.col_b, unit.transposed)
+            tags = {t for k in idx for t in calls[k][1].adapters}
+            unit.rule.rows(unit, x, g, m, J, tags, self.ops.rows_op(unit.rule))
 
     def _generic_rows(self, batch: Batch, J: torch.Tensor) -> None:
         """Exact per-sample gradients for parameters no fused rule covers."""

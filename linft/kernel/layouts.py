@@ -38,7 +38,7 @@ import torch
 from ..backends import matmul_precision
 from ..params import column_offsets, parameter_dtype
 from .batches import Batch, batch_size, call, slice_batch, to_device
-from .capture import LEADING, Capture, Layout, LoraUnit, Plan, samples_first, sequence_length
+from .capture import LEADING, Capture, Layout, Plan, samples_first, sequence_length
 from .model_state import evaluation_mode
 
 # Relative difference between the 1-sample activation and the first sample's part of the
@@ -209,10 +209,5 @@ def _columns(job, units: list) -> list[tuple[str, int, int]]:
     """(parameter name, first column, numel) of every selected parameter of ``units``."""
     offsets, _ = column_offsets(job.selected)
     by_column = {offsets[name]: (name, p.numel()) for name, p in job.selected}
-    cols: list[int | None] = []
-    for unit in units:
-        if isinstance(unit, LoraUnit):
-            cols += [c for pair in unit.cols.values() for c in pair]
-        else:
-            cols += [unit.col_W, unit.col_b]
-    return [(by_column[c][0], c, by_column[c][1]) for c in cols if c is not None]
+    cols = [c for unit in units for c in unit.columns()]
+    return [(by_column[c][0], c, by_column[c][1]) for c in cols]

@@ -159,7 +159,12 @@ def _open_checkpoint(
     """The checkpoint of exactly this computation: settings, output function, model (class,
     config, modules, LoRA state, weights), inputs and linft's version. ``meta_name``: this
     process's meta file when several share the directory (``distributed.py``)."""
-    settings = {**settings, "params": [n for n, _ in job.selected], "dtype": str(job.dtype)}
+    settings = {
+        **settings,
+        "params": [n for n, _ in job.selected],
+        "dtype": str(job.dtype),
+        "rules": {unit.name: unit.rule.identity() for unit in job.plan.units},
+    }
     parts = computation_parts(settings, output or default_output, job.model, batches)
     meta = {} if meta_name is None else {"meta_name": meta_name}
     return Checkpoint(directory, parts, job.block_size, cross=settings["cross"], **meta)

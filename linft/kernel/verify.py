@@ -56,6 +56,7 @@ class Mismatch:
     sample: int | None
     error: float
     tolerance: float
+    source: str | None = None  # where the rows came from: a rule, or the generic path
 
 
 def _precision_key(job) -> str:
@@ -143,6 +144,7 @@ def compare_rows(job, fast: torch.Tensor, exact: torch.Tensor, sample: int) -> M
         return Mismatch("the rows", sample, math.inf, rtol)
     whole = float(exact.norm())
     worst = None
+    rules = {c: unit.rule for unit in job.plan.units for c in unit.columns()}
     for group, spans in _group_spans(job).items():
         e = torch.cat([exact[:, s] for s in spans], dim=1)
         d = torch.cat([fast[:, s] for s in spans], dim=1) - e
@@ -150,8 +152,17 @@ def compare_rows(job, fast: torch.Tensor, exact: torch.Tensor, sample: int) -> M
         if err > rtol * scale + atol * whole:
             rel = err / scale if scale > 0 else math.inf
             if worst is None or rel > worst.error:
-                worst = Mismatch(f"module {group}", sample, rel, rtol)
+                found = {rules[sp.start] for sp in spans if sp.start in rules}
+                worst = Mismatch(f"module {group}", sample, rel, rtol, _source(found))
     return worst
+
+
+def _source(rules: set) -> str:
+    if not rules:
+        return "the generic per-sample autograd path"
+    named = ", ".join(sorted(f"{r.name!r} ({type(r).__module__}.{type(r).__qualname__})"
+                             for r in rules))  # fmt: skip
+    return f"the rule {named}"
 
 
 def _check_rows(job, engine, batch, start: int, J: torch.Tensor, total: int) -> Mismatch | None:
@@ -191,10 +202,11 @@ def _check_tile(job, J: torch.Tensor, kernel: str) -> Mismatch | None:
 
 def _describe(m: Mismatch, job) -> str:
     where = m.what if m.sample is None else f"{m.what} (sample {m.sample})"
+    source = "" if m.source is None else f"; its rows come from {m.source}"
     return (
         f"linft's self-check failed: on the {job.ops.name} path, {where} differs from plain "
         f"autograd by {m.error:.2e} (relative; tolerance {m.tolerance:g} at "
-        f"precision={job.precision!r})"
+        f"precision={job.precision!r}){source}"
     )
 
 
