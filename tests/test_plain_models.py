@@ -156,3 +156,13 @@ def test_inputs_that_are_not_tensors_are_named():
     model = TwoInputMLP()
     with pytest.raises(TypeError, match=r"a tensor \(model\(x\)\) or a tuple of tensors"):
         linft.ntk(model, 3.0)
+
+
+def test_layer_kernels_of_a_plain_model_sum_to_its_kernel():
+    torch.manual_seed(0)
+    model = TwoInputMLP()
+    xs = (torch.randn(4, 7), torch.randn(4, 3))
+    parts = linft.layer_ntks(model, xs, outputs="trace")
+    assert set(parts) == {"a", "b", "out"}
+    J = reference(model, xs)
+    assert_rel_close(sum(parts.values()), torch.einsum("nap,map->nm", J, J), 1e-5, "sum")
