@@ -188,13 +188,6 @@ class Capture:
     def reset(self) -> None:
         self.calls = [[] for _ in self.plan.units]
 
-    @staticmethod
-    def _input(args: tuple, kwargs: dict) -> torch.Tensor:
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-        if not isinstance(x, torch.Tensor):
-            raise TypeError("a hooked module was called without a tensor input")
-        return x
-
     def _hook(self, i: int):
         unit = self.plan.units[i]
 
@@ -203,7 +196,10 @@ class Capture:
                 return
             tags = unit.rule.keep(unit, module, args, kwargs)
             if tags is not None:
-                call = _Call(self._input(args, kwargs).detach(), output, tuple(tags))
+                x = unit.rule.input(module, args, kwargs)
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{unit.name} was called without a tensor input")
+                call = _Call(x.detach(), output, tuple(tags))
                 self.calls[i].append(self.keep(call))
 
         return hook

@@ -5,7 +5,9 @@
 given by its qualified name (``"transformers.pytorch_utils.Conv1D"``) so that registering
 imports nothing. Rules of a module are asked in the order of its class's MRO, the latest
 registered first for one class; built-ins: ``lora.LoraRule`` (peft's LoRA ``Linear``),
-``linear.LinearRule`` (``nn.Linear``, ``Conv1D``). A rule's ``slot`` may decline a
+``linear.LinearRule`` (``nn.Linear``, ``Conv1D``), ``embedding.EmbeddingRule``, and
+``norm.NormRule`` (registered for every module: it takes the LayerNorm and RMSNorm layers whose
+output it reproduces). A rule's ``slot`` may decline a
 parameter (a rule of a module inside is asked next) or send it to the generic path
 (``GENERIC``).
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import GENERIC, Rule, masked
+from .embedding import EmbeddingRule
 from .linear import CONV1D, LinearRule
 from .lora import LAYER, LoraRule
+from .norm import NormRule
 
 _REGISTRY: dict[str, list[Rule]] = {}
 
@@ -73,9 +77,11 @@ def rules_for(module: nn.Module) -> list[Rule]:
     return found
 
 
+register_rule(nn.Module, NormRule())  # any module: it takes the norms it can reproduce
 register_rule(LAYER, LoraRule())
 register_rule(nn.Linear, LinearRule())
 register_rule(CONV1D, LinearRule())
+register_rule(nn.Embedding, EmbeddingRule())
 
 __all__ = [
     "GENERIC",

@@ -58,6 +58,12 @@ class Rule:
         send it to the generic path."""
         raise NotImplementedError
 
+    def input(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """What the hook keeps as ``x``: the call's first tensor argument by default; its last
+        dimension is the features, the ones before it follow the output's (an embedding
+        keeps its ids as ``[..., 1]``)."""
+        return args[0] if args else kwargs.get("x", kwargs.get("input"))
+
     def keep(self, unit, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Called by the forward hook of each call: the call's tags (``()`` by default), or
         None when the call does not count (e.g. disabled adapters)."""

@@ -52,6 +52,10 @@ class RuleCase:
     def model(self) -> nn.Module:
         return Net(self.module())
 
+    def batch(self, lengths: list[int]) -> dict:
+        """Inputs of ``model()``: token features ``x`` by default, padded, with the mask."""
+        return _batch(lengths)
+
     # --- what every rule must pass
 
     def test_the_rule_claims_every_trainable_parameter(self):
@@ -64,7 +68,7 @@ class RuleCase:
 
     def test_kernel_and_jacobian_match_float64(self):
         model = self.model()
-        batch = _batch(LENGTHS)
+        batch = self.batch(LENGTHS)
         J = _reference(model, batch)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback to the generic path, no other noise
@@ -75,7 +79,7 @@ class RuleCase:
 
     def test_cross_kernel_matches_float64(self):
         model = self.model()
-        a, b = _batch([4, 2]), _batch([3, 3, 1])
+        a, b = self.batch([4, 2]), self.batch([3, 3, 1])
         Ja, Jb = _reference(model, a), _reference(model, b)
         K = linft.ntk(model, a, b, outputs="full")
         assert_rel_close(K, torch.einsum("nap,mbp->namb", Ja, Jb), 1e-5, f"{self.rule}: K(X, X2)")
@@ -97,8 +101,10 @@ def _reference(model: nn.Module, batch: dict) -> torch.Tensor:
     rest = {n: p.detach() for n, p in params.items() if n not in chosen}
     rows = []
     for i, keep in enumerate(batch["attention_mask"].bool()):
-        sample = {"x": batch["x"][i : i + 1, keep].double(),
-                  "attention_mask": batch["attention_mask"][i : i + 1, keep]}  # fmt: skip
+        sample = {
+            k: (v[i : i + 1, keep].double() if v.is_floating_point() else v[i : i + 1, keep])
+            for k, v in batch.items()
+        }
 
         def f(theta, sample=sample):
             return functional_call(m64, {**rest, **theta}, args=(), kwargs=sample)[0]
