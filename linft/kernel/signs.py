@@ -6,12 +6,15 @@ derivative), the computed entries are rounding noise whose signs change with the
 size and the padding. Such noise comes in whole structural parts: every row of a module
 for that sample and output (Llama's ``q_proj``), or the rows of some of a fused module's
 output features (the query and key thirds of GPT-2's ``c_attn``). So the decision is
-made per sample ``i`` and output ``a`` on such parts, never on single entries:
+made per sample ``i`` and output ``a`` on such parts:
 
 - the module: ``||J_{i,a,m}||`` against the largest module of the row;
 - the rows and columns of a matrix parameter and the entries of a vector (a bias), in runs
   of ``_RUN`` or more consecutive ones: against their module (the key bias of an attention
-  layer has an exact zero gradient: softmax does not see a shift of every score).
+  layer has an exact zero gradient: softmax does not see a shift of every score);
+- and a single entry against its module: one that nearly cancels (a sum over tokens of
+  terms of both signs) has a sign float32 may not know; it is taken from float64, and
+  zeroed only where float64 puts it at its rounding level too.
 
 Where no part is at or below the band (``_BAND``: 2^-14 in float32, 2^9 unit roundoffs
 above the largest noise measured) float32 determines the row, and it is left exactly as
@@ -111,12 +114,14 @@ class SignRows:
         for p, part in zip(self.params, parts, strict=True):
             here = low_module[:, :, p.module, None].expand(n, C, p.length)
             limit = self.band * modules[:, :, p.module, None]
+            size = J[..., p.cols].abs()
             if part is None:  # a vector (a bias): its entries are output features
-                size = J[..., p.cols].abs()
                 here = here | _in_runs(size, limit)
             else:
                 rows, cols = (_in_runs(x, limit) for x in part)
                 here = here | (rows[..., :, None] | cols[..., None, :]).reshape(n, C, -1)
+            # A single entry that nearly cancels: float32 may not know its sign either.
+            here = here | ((size > 0) & (size <= limit))
             doubt[..., p.cols] = here
         return doubt
 
@@ -129,9 +134,8 @@ class SignRows:
         zero = torch.zeros(J.shape, dtype=torch.bool, device=J.device)
         for p, part in zip(self.params, parts, strict=True):
             here = (modules[:, :, p.module, None] <= floor).expand(n, C, p.length)
-            if part is None:
-                here = here | (J[..., p.cols].abs() <= floor)
-            else:
+            here = here | (J[..., p.cols].abs() <= floor)
+            if part is not None:
                 rows, cols = part
                 grid = (rows <= floor)[..., :, None] | (cols <= floor)[..., None, :]
                 here = here | grid.reshape(n, C, -1)
