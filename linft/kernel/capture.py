@@ -44,15 +44,20 @@ class Layout:
     sequence-first ``[T, n, d]`` at 1), or ``n`` blocks of ``tokens`` rows merged into one
     dimension (``order="sample"``: sample-major ``[n*T, d]``; ``"token"``: token-major
     ``[T*n, d]``), ``tokens`` None meaning the batch's sequence length ``T``. ``rank`` is
-    ``x.dim()`` on every call (None: any).
+    ``x.dim()`` on every call (None: any). ``shared``: one ``[1, ...]`` activation serves every
+    sample (position ids broadcast from ``[1, T]``); the hook expands the module's input and
+    output to ``[n, ...]``, so that the backward gives each sample its own output gradient.
     """
 
     dim: int = 0
     rank: int | None = None
     order: str | None = None
     tokens: int | None = None
+    shared: bool = False
 
     def describe(self) -> str:
+        if self.shared:
+            return "shared by all samples, [1, ...] expanded to [n, ...]"
         if self.order is None and self.dim == 0:
             return "samples leading, [n, ...]"
         rank = self.rank or self.dim + 2
@@ -173,6 +178,7 @@ class Capture:
         self.keep = keep or (lambda call: call)
         self.calls: list[list[_Call]] = [[] for _ in plan.units]
         self.enabled = True
+        self.samples: int | None = None  # the block's n: what a shared activation expands to
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Capture:
@@ -199,8 +205,14 @@ class Capture:
                 x = unit.rule.input(module, args, kwargs)
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"{unit.name} was called without a tensor input")
+                expand = unit.layout.shared and self.samples is not None and x.shape[0] == 1
+                if expand:  # a view per sample: the backward keeps their gradients apart
+                    x = x.expand(self.samples, *x.shape[1:])
+                    output = output.expand(self.samples, *output.shape[1:])
                 call = _Call(x.detach(), output, tuple(tags))
                 self.calls[i].append(self.keep(call))
+                if expand:
+                    return output
 
         return hook
 

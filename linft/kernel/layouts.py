@@ -46,6 +46,7 @@ from .model_state import evaluation_mode
 # A wrong layout is off by O(1): it reads other tokens' or another sample's features.
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 _LOW_PRECISION_TOLERANCE = 5e-2
+SHARED = Layout(shared=True)
 
 
 @dataclass
@@ -76,6 +77,9 @@ def probe(job, batches: Batch | list[Batch]) -> Plan:
             units.append(dataclasses.replace(unit, layout=found))
         else:
             fallback[unit.name] = found
+    mixed = _shared_routing(job, dataclasses.replace(plan, units=units), two)
+    units = [u for u in units if u.name not in mixed]
+    fallback.update(mixed)
     if not fallback:
         return dataclasses.replace(plan, units=units)
     moved = [u for u in plan.units if u.name in fallback]
@@ -92,6 +96,52 @@ def probe(job, batches: Batch | list[Batch]) -> Plan:
         generic=plan.generic + _columns(job, moved),
         fallback={**plan.fallback, **fallback},
     )
+
+
+def _shared_routing(job, plan: Plan, two: Batch) -> dict[str, str]:
+    """Units with a shared activation whose expanded output does not keep the samples
+    apart (the model reads it in a way that mixes them): name -> why. One forward of the two
+    probe samples with the expansion, and one backward per sample: sample j's output must
+    reach only slot j of each expanded output."""
+    shared = [i for i, u in enumerate(plan.units) if u.layout.shared]
+    if not shared:
+        return {}
+    batch = to_device(two, job.device, parameter_dtype(job.model))
+    names = [plan.units[i].name for i in shared]
+    with evaluation_mode(job.model), matmul_precision("fp32"), torch.no_grad():
+        plain = job.output(call(job.model, batch), batch)
+    capture = Capture(plan)
+    capture.samples = batch_size(batch)
+    try:
+        with evaluation_mode(job.model), matmul_precision("fp32"), torch.enable_grad(), capture:
+            f = job.output(call(job.model, batch), batch)
+    except Exception as err:  # the model reads the shared output by its shape
+        why = f"its output is shared by all samples and expanding it fails ({type(err).__name__})"
+        return dict.fromkeys(names, why)
+    tol = _TOLERANCE.get(parameter_dtype(job.model), _LOW_PRECISION_TOLERANCE)
+    if f.shape != plain.shape or not _close(f.detach(), plain, tol):
+        return dict.fromkeys(names, "its output is shared and expanding it changes the model's")
+    f = f.reshape(f.shape[0], -1)
+    ys = [capture.calls[i][k].y for i in shared for k in range(len(capture.calls[i]))]
+    owners = [i for i in shared for _ in capture.calls[i]]
+    bad: dict[str, str] = {}
+    for j in range(f.shape[0]):
+        if not f[j].requires_grad:
+            continue
+        grads = torch.autograd.grad(f[j].sum(), ys, retain_graph=True, allow_unused=True)
+        for i, g in zip(owners, grads, strict=True):
+            if g is None:
+                continue
+            others = torch.cat([g[:j], g[j + 1 :]])
+            if bool(others.ne(0).any()):
+                name = plan.units[i].name
+                bad[name] = "its output is shared by all samples and the model mixes them"
+    return bad
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    a, b = a.double(), b.double()
+    return bool(torch.isfinite(a).all()) and float((a - b).norm()) <= tol * float(b.norm())
 
 
 def _probe_inputs(batches: list[Batch]) -> tuple[Batch, Batch, int | None]:
@@ -168,6 +218,8 @@ def _call_layout(one: _Seen, two: _Seen, seq_len: int | None, tol: float) -> Lay
     if len(s1) != len(s2) or len(s1) < 2 or s1[-1] != s2[-1]:
         return f"input shapes {s1} for 1 sample and {s2} for 2 that no layout explains"
     grown = [d for d in range(len(s1) - 1) if s1[d] != s2[d]]
+    if not grown and s1[0] == 1 and one.y_shape[0] == 1 and len(s1) >= 2:
+        return SHARED  # confirmed per sample by ``_shared_routing`` before it is used
     if not grown:
         return (
             f"an input of shape {s2} that does not follow the number of samples (shared by "
