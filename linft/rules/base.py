@@ -13,7 +13,8 @@ output gradients ``g``, and ``rows`` writes the unit's Jacobian columns from the
                            sit: [T, n, d], [n*T, d], ... are viewed so), tokens of all calls
     g: [n, C, T, d_out]    d f_a / d y at the module's output, per sample and output
     mask: [n, T] or None   the tokens to keep (real ones, and any with a non-zero gradient)
-    J: [n, C, P]           the block's Jacobian, the unit's columns at ``unit.cols[slot]``
+    J: [n, C, P]           the block's Jacobian, zeros until the rules write their columns
+                           (the unit's at ``unit.cols[slot]``)
 
 The run checks every rule on its first block against plain autograd (``verify``), so a
 wrong rule is an error naming the module and the rule, never a wrong kernel.

@@ -37,7 +37,6 @@ class EmbeddingRule(Rule):
         n, C, T, d = g.shape
         V = unit.module.num_embeddings
         col = unit.cols["weight"]
-        rows = J[:, :, col : col + V * d].view(n, C, V, d)
-        rows.zero_()
+        rows = J[:, :, col : col + V * d].view(n, C, V, d)  # zeros: J starts at zero
         index = ids[:, None, :, None].expand(n, C, T, d)
         rows.scatter_add_(2, index, g.to(rows.dtype))
