@@ -255,3 +255,26 @@ def test_fuzz_sign_kernels_against_float64_signs(case):
                       batch_size=case["batch_size"])  # fmt: skip
     J64 = reference_jacobian(model, batch, output, trainable_names(model))
     assert_rel_close(K, gram(J64, J64, case["kernel"]), SIGN_REL, str(case))
+
+
+def test_blocks_after_one_mostly_in_doubt_are_computed_in_float64(monkeypatch):
+    """SignGD: the first block (float32, then its doubtful samples in float64) switches the
+    run to float64 blocks; the kernel is the same as with blocks of one (never switched) and
+    the float64 signs'."""
+    kernel = "signgd"
+    model, output = _roberta_head_and_query()
+    batch = token_batch([5, 7, 3, 6, 2, 7, 4, 5], pad_id=1)
+    direct = []
+    real = signs._Float64WhenInDoubt.block
+
+    def block(self, b, start):
+        direct.append(self._rows.direct)
+        return real(self, b, start)
+
+    monkeypatch.setattr(signs._Float64WhenInDoubt, "block", block)
+    K = linft.ntk(model, batch, output=output, kernel=kernel, batch_size=3)
+    assert direct[0] is False and any(direct[1:]), direct
+    one = linft.ntk(model, batch, output=output, kernel=kernel, batch_size=1)
+    J64 = reference_jacobian(model, batch, output, trainable_names(model))
+    assert_rel_close(K, gram(J64, J64, kernel), SIGN_REL, f"{kernel}: switched to float64")
+    assert torch.equal(K, one), "blocks of 3 (switched) vs 1"

@@ -282,13 +282,17 @@ def _kernels(
 
     def stream(side: str, parts, keep: bool):
         listed = blocks(parts, size)
+        decide = signs.SignRows(job, listed)
+        # SignGD reads signs only, which float64 decides either way; A-SignGD keeps float32
+        # values where float32 determines them, so its blocks stay float32 first.
+        source = decide.in_float64_when_in_doubt(engine) if kernel == "signgd" else engine
         if ckpt is None:
-            found = iterate_blocks(engine, listed, bar)
+            found = iterate_blocks(source, listed, bar)
         else:
             load = (lambda s: ckpt.load(side, s)) if keep else None
-            found = iterate_blocks(engine, listed, bar, ckpt.finished(side), load)
+            found = iterate_blocks(source, listed, bar, ckpt.finished(side), load)
         found = self_checked(found, engine, job, listed, n_rows + n_cols, kernel)
-        return signs.for_kernel(found, kernel, signs.SignRows(job, listed))
+        return signs.for_kernel(found, kernel, decide)
 
     rows = stream("rows", batches, keep=inputs2 is None)
     cols = None if batches2 is None else stream("cols", batches2, keep=True)

@@ -82,6 +82,9 @@ class SignRows:
         self.band = _ZERO if self.float64 else _BAND[job.precision]
         self.recomputed = 0
         self._engine64 = None
+        # Once a block had most of its samples in doubt, the next ones are computed in
+        # float64 at once (``in_float64_when_in_doubt``): one pass instead of two.
+        self.direct = False
 
     # --- the parts and their sizes
 
@@ -147,11 +150,13 @@ class SignRows:
     def decided(self, start: int, J: torch.Tensor) -> torch.Tensor:
         """J ``[n, C, P]`` (global first sample ``start``) with its noise parts zeroed and the
         parts float32 cannot tell taken from float64."""
-        if self.float64:
+        if self.float64 or J.dtype == torch.float64:  # a float64 run, or a direct block
             zero = self._exact_zeros(J)
-            return J.masked_fill(zero, 0) if bool(zero.any()) else J
+            J = J.masked_fill(zero, 0) if bool(zero.any()) else J
+            return J.to(self.job.dtype)
         doubt = self._doubtful(J)
         picked = torch.nonzero(doubt.flatten(1).any(dim=1)).flatten()
+        self.direct = 2 * picked.numel() >= J.shape[0] and J.shape[0] > 1
         if picked.numel() == 0:
             return J
         exact = self._float64_rows(start, J.shape[0], picked)
@@ -159,6 +164,13 @@ class SignRows:
         J = J.clone()
         J[picked] = torch.where(doubt[picked], exact.to(J.dtype), J[picked])
         return J
+
+    def in_float64_when_in_doubt(self, engine):
+        """``engine`` for the run's blocks, computing a block in float64 at once after a
+        block whose samples were mostly in doubt (on real sentences nearly all are: some
+        entry of every sample nearly cancels). For SignGD only: its kernel is the float64
+        signs however a block was computed."""
+        return _Float64WhenInDoubt(engine, self)
 
     def _float64_rows(self, start: int, n: int, picked: torch.Tensor) -> torch.Tensor:
         """``[len(picked), C, P]``: the block's samples ``picked`` recomputed in float64."""
@@ -182,6 +194,21 @@ class SignRows:
                     torch.float64, job.device,
                 )  # fmt: skip
         return self._engine64
+
+
+class _Float64WhenInDoubt:
+    def __init__(self, engine, rows: SignRows):
+        self._engine, self._rows = engine, rows
+
+    def block(self, batch, start: int) -> torch.Tensor:
+        if not self._rows.direct:
+            return self._engine.block(batch, start)
+        J = self._rows._engine().block(batch, start)
+        self._rows.recomputed += J.shape[0]
+        return J
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
 
 
 def _in_runs(size: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
