@@ -10,6 +10,8 @@ per-sample gradient of the position and token-type embeddings is that of the who
 - ``linft``: ``linft.ntk(model, batch)`` (K ``[N, C, N, C]``);
 - ``opacus``: ``GradSampleModule`` per-sample gradients, one backward per output, then one
   GEMM ``J J^T`` (``pip install --no-deps opacus==1.6.0 opt-einsum``, benchmark only);
+- ``dattri-llm``: its hooks' factorized per-sample gradients and its cross-gram per pair of
+  outputs (``pip install --no-deps dattri-llm``, benchmark only);
 - ``floor``: one forward and C backward passes of the same batch (summed weight gradients):
   what any method pays before forming per-sample rows.
 
@@ -71,17 +73,20 @@ def opacus_kernel(model, batch, names) -> torch.Tensor:
     gsm.train()  # Opacus records activations in training mode only (dropout is 0 here)
     params = dict(gsm._module.named_parameters())
     rows = []
-    for a in range(_outputs(gsm, batch)):
-        # Opacus frees a layer's activations at its backward: one forward per output.
+    try:
+        for a in range(_outputs(gsm, batch)):
+            # Opacus frees a layer's activations at its backward: one forward per output.
+            gsm.zero_grad(set_to_none=True)
+            gsm(**batch).logits[:, a].sum().backward()
+            got = [params[n].grad_sample for n in names]
+            wrong = [n for n, g in zip(names, got, strict=True) if g.shape[0] != batch_size(batch)]
+            if wrong:  # ids broadcast from [1, T]: the batch's gradient, not per sample
+                raise NotPerSample(f"batch size 1 for {wrong[0]}")
+            rows.append(torch.cat([g.flatten(1) for g in got], dim=1))
+    finally:
         gsm.zero_grad(set_to_none=True)
-        gsm(**batch).logits[:, a].sum().backward()
-        got = [params[n].grad_sample for n in names]
-        wrong = [n for n, g in zip(names, got, strict=True) if g.shape[0] != batch_size(batch)]
-        if wrong:  # ids broadcast from [1, T]: the batch's gradient, not per sample
-            raise NotPerSample(f"batch size 1 for {wrong[0]}")
-        rows.append(torch.cat([g.flatten(1) for g in got], dim=1))
-    gsm.zero_grad(set_to_none=True)
-    gsm._close()
+        gsm._close()  # its hooks off the model again
+        model.eval()
     J = torch.stack(rows, dim=1)  # [N, C, P]
     flat = J.flatten(0, 1)
     return (flat @ flat.T).view(J.shape[0], J.shape[1], J.shape[0], J.shape[1])
@@ -98,6 +103,35 @@ def batch_size(batch) -> int:
 def _outputs(gsm, batch) -> int:
     with torch.no_grad():
         return gsm._module.config.num_labels
+
+
+def dattri_kernel(model, batch) -> torch.Tensor:
+    """dattri-llm's hooks (factorized per-sample gradients, ghost or materialized products
+    chosen per layer by its cost model): one forward and backward per output, then its
+    cross-gram of every pair of outputs (``pip install --no-deps dattri-llm``)."""
+    from dattri_llm import CaptureCallback, HookManager
+
+    model.train()  # dropout is 0 here
+    capture, grads = CaptureCallback(), []
+    manager = HookManager(model, callbacks=[capture])
+    try:
+        with manager.collect(deregister_on_exit=False):
+            for a in range(model.config.num_labels):
+                model.zero_grad(set_to_none=True)
+                model(**batch).logits[:, a].sum().backward()
+                grads.append(capture.record.gradient)
+    finally:
+        manager.remove()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    C, n = len(grads), batch_size(batch)
+    K = torch.zeros(n, C, n, C)
+    for a in range(C):
+        for b in range(a, C):
+            K[:, a, :, b] = grads[a].similarity(grads[b], reduce="all")
+            if b != a:
+                K[:, b, :, a] = K[:, a, :, b].T
+    return K
 
 
 def floor(model, batch) -> None:
@@ -117,7 +151,9 @@ def timed(fn, repeats):
 
 
 def error(K, exact) -> float:
-    return float((K.double() - exact).norm() / exact.norm())
+    """Relative error; linft gives K of one output as ``[N, N]``."""
+    K = K.double().reshape(exact.shape)
+    return float((K - exact).norm() / exact.norm())
 
 
 def main() -> None:
@@ -170,6 +206,8 @@ def main() -> None:
                 rows.append(("opacus", t, error(K, exact)))
             except NotPerSample as why:
                 print(f"| {case} | {P} | opacus | no per-sample rows ({why}) | | |")
+            t, K = timed(lambda m=model: dattri_kernel(m, batch), args.repeats)
+            rows.append(("dattri-llm", t, error(K, exact)))
         t, _ = timed(lambda m=model: floor(m, batch), args.repeats)
         rows.append(("floor", t, float("nan")))
         for name, t, err in rows:
