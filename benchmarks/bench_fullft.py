@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 import warnings
 
 import torch
+from timing import timed  # benchmarks/, on the path when a script runs
 from torch.func import functional_call, jacrev, vmap
 
 import linft
@@ -139,15 +139,6 @@ def floor(model, batch) -> None:
     for a in range(out.shape[1]):
         torch.autograd.grad(out[:, a].sum(), [p for p in model.parameters() if p.requires_grad],
                             retain_graph=a < out.shape[1] - 1, allow_unused=True)  # fmt: skip
-
-
-def timed(fn, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def error(K, exact) -> float:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 import warnings
 
 import torch
+from timing import timed  # benchmarks/, on the path when a script runs
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
@@ -77,15 +77,6 @@ def ntk_vector_products(net, params, x1, x2, compute):
     if compute == "full":
         return result.permute(0, 2, 1, 3)
     return torch.einsum("NMKK->NM", result)
-
-
-def timed(fn, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ Jacobian (linft in float64; entries at most 2^-46 of their row's largest are zer
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from timing import timed  # benchmarks/, on the path when a script runs
 
 import linft
 from linft.cli.demo import minilm_path
@@ -41,15 +41,6 @@ def float64_signs(J: torch.Tensor, kernel: str) -> torch.Tensor:
     J = J.masked_fill(J.abs() <= 2.0**-46 * J.abs().amax(-1, keepdim=True), 0)
     S = torch.sign(J)
     return S @ (S if kernel == "signgd" else J).T
-
-
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

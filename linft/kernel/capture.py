@@ -166,7 +166,7 @@ def build_plan(
 class _Call:
     x: torch.Tensor  # [n, T, d_in], detached
     y: torch.Tensor  # the module output, still in the graph
-    adapters: tuple = ()  # the call's tags (``Rule.keep``): LoRA's active adapters
+    tags: tuple = ()  # what ``Rule.keep`` said of the call: LoRA's active adapters
 
 
 class Capture:
@@ -330,7 +330,7 @@ def unit_tensors(
 def warn_unused(plan: Plan, capture: Capture) -> None:
     unused = []
     for unit, calls in zip(plan.units, capture.calls, strict=True):
-        tags = {t for call in calls for t in call.adapters}
+        tags = {t for call in calls for t in call.tags}
         unused += unit.rule.unused(unit, tags, bool(calls))
     if unused:
         warnings.warn(

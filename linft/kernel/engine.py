@@ -144,7 +144,7 @@ class JacobianEngine:
                 unit.layout,
                 seq_len,
             )
-            tags = {t for k in idx for t in calls[k][1].adapters}
+            tags = {t for k in idx for t in calls[k][1].tags}
             unit.rule.rows(unit, x, g, m, J, tags, self.ops.rows_op(unit.rule))
 
     def _generic_rows(self, batch: Batch, J: torch.Tensor) -> None:

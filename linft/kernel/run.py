@@ -198,7 +198,7 @@ def kernels(
     kernel_signs(kernel)  # validate before any work
     if outputs not in OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {OUTPUTS}")
-    if out_device is not None and not (isinstance(out_device, str) and out_device == "checkpoint"):
+    if out_device is not None and out_device != "checkpoint":
         out_device = validate.usable_device(out_device, "out_device")
     from . import distributed  # it imports this module
 

@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from ..backends import TORCH_OPS
 from ..params import module_group
+from ..rules.base import qualified_name
 from .batches import arguments, batch_size, call, slice_batch, to_device
 from .gram import kernel_signs
 from .model_state import changing_message, changing_module
@@ -160,8 +161,7 @@ def compare_rows(job, fast: torch.Tensor, exact: torch.Tensor, sample: int) -> M
 def _source(rules: set) -> str:
     if not rules:
         return "the generic per-sample autograd path"
-    named = ", ".join(sorted(f"{r.name!r} ({type(r).__module__}.{type(r).__qualname__})"
-                             for r in rules))  # fmt: skip
+    named = ", ".join(sorted(f"{r.name!r} ({qualified_name(type(r))})" for r in rules))
     return f"the rule {named}"
 
 

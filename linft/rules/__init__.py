@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import GENERIC, Rule, masked
+from .base import GENERIC, Rule, masked, qualified_name
 from .embedding import EmbeddingRule
 from .linear import CONV1D, LinearRule
 from .lora import LAYER, LoraRule
@@ -32,7 +32,7 @@ def _key(module_type: type | str) -> str:
         raise TypeError(
             f"register_rule takes a module class (or its qualified name), got {module_type!r}"
         )
-    return f"{module_type.__module__}.{module_type.__qualname__}"
+    return qualified_name(module_type)
 
 
 def register_rule(module_type: type | str, rule: Rule | type[Rule] | None = None):

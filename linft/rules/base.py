@@ -90,8 +90,12 @@ class Rule:
 
     def identity(self) -> str:
         """What a checkpoint records of the rule: its rows are this rule's."""
-        kind = type(self)
-        return f"{kind.__module__}.{kind.__qualname__}:{self.name}:v{self.version}"
+        return f"{qualified_name(type(self))}:{self.name}:v{self.version}"
+
+
+def qualified_name(kind: type) -> str:
+    """``module.Class``: how the registry and the messages name a class without importing it."""
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def masked(t: torch.Tensor, mask: torch.Tensor | None, token_dim: int) -> torch.Tensor:

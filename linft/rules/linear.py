@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops import linear_jacobian
-from .base import Rule
+from .base import Rule, qualified_name
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -20,14 +20,10 @@ class LinearRule(Rule):
 
     def slot(self, module: nn.Module, path: str):
         # Exactly these classes: a subclass may change the forward (quantized, scaled).
-        if type(module) is not nn.Linear and _qualname(type(module)) != CONV1D:
+        if type(module) is not nn.Linear and qualified_name(type(module)) != CONV1D:
             return None
         return path if path in ("weight", "bias") else None
 
     def rows(self, unit, x, g, mask, J, tags, op):
-        transposed = _qualname(type(unit.module)) == CONV1D
+        transposed = qualified_name(type(unit.module)) == CONV1D
         op(x, g, mask, J, unit.cols.get("weight"), unit.cols.get("bias"), transposed)
-
-
-def _qualname(kind: type) -> str:
-    return f"{kind.__module__}.{kind.__qualname__}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops import lora_jacobian
-from .base import GENERIC, Rule
+from .base import GENERIC, Rule, qualified_name
 
 LAYER = "peft.tuners.lora.layer.LoraLayer"  # every LoRA layer: the rule takes the plain ones
 LINEAR = "peft.tuners.lora.layer.Linear"
@@ -62,8 +62,7 @@ def _adapters(unit) -> list[str]:
 
 def _plain_lora_linear(layer: nn.Module, adapter: str) -> bool:
     """Vanilla LoRA on a linear base: the formulas above hold exactly."""
-    kind = type(layer)
-    if f"{kind.__module__}.{kind.__qualname__}" != LINEAR:
+    if qualified_name(type(layer)) != LINEAR:
         return False
     variants = getattr(layer, "lora_variant", {}) or {}
     use_dora = getattr(layer, "use_dora", {}) or {}
