@@ -173,12 +173,17 @@ class Capture:
     """Forward hooks recording each unit's input and output while enabled; ``keep`` turns
     each call into what is stored (the call itself by default), as it happens."""
 
-    def __init__(self, plan: Plan, keep: Callable[[_Call], object] | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        keep: Callable[[_Call], object] | None = None,
+        samples: int | None = None,
+    ):
         self.plan = plan
         self.keep = keep or (lambda call: call)
         self.calls: list[list[_Call]] = [[] for _ in plan.units]
         self.enabled = True
-        self.samples: int | None = None  # the block's n: what a shared activation expands to
+        self.samples = samples  # the block's n: what a shared activation expands to
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Capture:

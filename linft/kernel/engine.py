@@ -86,8 +86,7 @@ class JacobianEngine:
     def block(self, batch: Batch, start: int) -> torch.Tensor:
         """``J [n, C, P]`` of one block; ``start`` is its first sample's global index."""
         batch = to_device(batch, self.device, self.dtype)
-        capture = Capture(self.plan)
-        capture.samples = batch_size(batch)
+        capture = Capture(self.plan, samples=batch_size(batch))
         with capture, torch.enable_grad():
             f = self._forward(batch)
         n = f.shape[0]

@@ -110,8 +110,7 @@ def _shared_routing(job, plan: Plan, two: Batch) -> dict[str, str]:
     names = [plan.units[i].name for i in shared]
     with evaluation_mode(job.model), matmul_precision("fp32"), torch.no_grad():
         plain = job.output(call(job.model, batch), batch)
-    capture = Capture(plan)
-    capture.samples = batch_size(batch)
+    capture = Capture(plan, samples=batch_size(batch))
     try:
         with evaluation_mode(job.model), matmul_precision("fp32"), torch.enable_grad(), capture:
             f = job.output(call(job.model, batch), batch)
