@@ -168,3 +168,50 @@ def jacobian(
         batch_size=batch_size, backend=backend, device=device, verify=verify,
         group=group, out=out,
     )  # fmt: skip
+
+
+def ntk_operator(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    output: Callable | None = None,
+    params: ParamSpec = "trainable",
+    kernel: str = "sgd",
+    precision: str = "fp32",
+    batch_size: int | None = None,
+    store: str = "auto",
+    checkpoint: str | None = None,
+    memory: float | None = None,
+    accumulate: str = "fp32",
+    backend: str = "auto",
+    device=None,
+    verify: bool = True,
+    group=None,
+    progress: bool | None = None,
+):
+    """The kernel ``K(X, X)`` ``[N C, N C]`` as an operator that never forms K.
+
+    One pass of the model computes J (``[N C, P]``, the rows of ``jacobian``, self-checked
+    as in ``ntk``); the operator (``linft.operator.NTKOperator``) then answers ``shape``,
+    ``dtype``, ``matmul(X)`` (``K X = J (J^T X)``, two passes over J), ``trace()``,
+    ``diagonal()``, ``to_dense()`` (small N), and ``feature_gram()`` (``J^T J``, one pass),
+    which ``linft.topk_eigh``, ``linft.spectrum`` and ``linft.kernel_regression`` use.
+    ``kernel``: ``"sgd"`` or ``"signgd"`` (the symmetric ones).
+
+    ``store``: where J lives. ``"auto"``: in memory while it fits ``memory`` bytes (None: half
+    of the memory available now), the rest in checksummed files under ``checkpoint=DIR``
+    (an error naming the fix when J outgrows memory without one); with ``checkpoint`` every
+    finished block is also saved there, so a killed run resumes the J pass at the block it
+    was on (the same resume rules as ``ntk``). ``"recompute"``: nothing stored, every pass
+    over J runs the model again (one forward and C backward passes per block); a model
+    whose weights change afterwards is refused. Where J went is said in one line on stderr
+    (not with ``progress=False``). ``accumulate``: ``"fp32"`` products, or ``"fp64"``.
+    """
+    from .operator import ntk_operator as build
+
+    return build(
+        model, inputs, output=output, params=params, kernel=kernel, precision=precision,
+        batch_size=batch_size, store=store, checkpoint=checkpoint, memory=memory,
+        accumulate=accumulate, backend=backend, device=device, verify=verify, group=group,
+        progress=progress,
+    )  # fmt: skip

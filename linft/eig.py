@@ -20,6 +20,14 @@ without forming K). Methods:
   product per step.
 - ``"dense"``: ``torch.linalg.eigh`` in fp64 (exact; used by ``"auto"`` when the Krylov basis
   would be a large fraction of n).
+- ``"gram"``: for an operator ``A = F F^T`` that offers its ``P x P`` Gram ``F^T F``
+  (``num_features``, ``feature_gram()``, ``feature_matmul(U)``; ``linft.ntk_operator`` with
+  F = J) and ``P < n``: ``F^T F`` and ``F F^T`` share their nonzero eigenvalues, so one fp64
+  ``eigh`` of ``P x P`` gives all of them and ``F u / sqrt(w)`` the vectors. When F is read
+  from memory or disk, passes over F are the cost: 4 here (the Gram, the vectors, one
+  certifying product), against 2 per product for ``"krylov"`` (``(1 + 3)`` products of a
+  block per restart cycle, plus one to certify). ``"auto"`` takes it whenever it applies
+  (``P <= GRAM_LIMIT``, largest, ``k <= P``).
 
 Three steps are torch ops of the C++/CUDA extension (``torch.ops.linft``): ``symm_matmul``,
 ``orthonormalize`` and ``rayleigh_ritz``. The functions of the same names here are their
@@ -46,7 +54,9 @@ __all__ = [
     "topk_eigh",
 ]
 
-_METHODS = ("auto", "krylov", "nystrom", "dense")
+_METHODS = ("auto", "krylov", "nystrom", "dense", "gram")
+# Largest P whose P x P Gram (float64) and eigh the "gram" method takes on (2 GiB).
+GRAM_LIMIT = 16384
 _BACKENDS = ("auto", "extension", "torch")
 _DEPTH = 3  # Krylov blocks added per restart cycle: basis of at most (1 + _DEPTH) * b columns
 _NOISE = 64  # eps(dtype) ||A||_2: residuals below this may be the products' rounding
@@ -397,8 +407,9 @@ def topk_eigh(
     When ``max_iters`` restart cycles (default 50) do not get there a
     :class:`ConvergenceWarning` is raised and ``converged=False``.
 
-    ``method``: ``"auto"`` (Krylov, or dense ``eigh`` when the Krylov basis would exceed n / 2),
-    ``"krylov"``, ``"nystrom"`` (PSD ``A``, ``largest`` only), ``"dense"``. ``backend``:
+    ``method``: ``"auto"`` (``"gram"`` where it applies, else Krylov, or dense ``eigh`` when
+    the Krylov basis would exceed n / 2), ``"krylov"``, ``"nystrom"`` (PSD ``A``, ``largest``
+    only), ``"dense"``, ``"gram"`` (an operator ``F F^T`` with ``P < n``: module docstring). ``backend``:
     ``"auto"`` (the C++/CUDA extension when loaded, else pure torch), ``"extension"`` (an error
     if it is not loaded) or ``"torch"``. A dense ``A`` is multiplied by the extension's
     symmetric product (half of A read) under ``"extension"``, by one GEMM under ``"torch"``, and
@@ -424,8 +435,18 @@ def topk_eigh(
         raise ValueError(f"topk_eigh: tol must be positive, got {tol}")
     p = max(10, k // 2) if oversample is None else int(oversample)
     b = min(n, k + max(p, 0))
+    gram = gram_route(A, n)
     if method == "auto":
-        method = "dense" if n <= 256 or 2 * (1 + _DEPTH) * b > n else "krylov"
+        if gram and largest and k <= A.num_features:
+            method = "gram"
+        else:
+            method = "dense" if n <= 256 or 2 * (1 + _DEPTH) * b > n else "krylov"
+    if method == "gram" and not (gram and largest and k <= A.num_features):
+        raise ValueError(
+            "topk_eigh: method='gram' needs largest=True, k <= P and an operator A = F F^T "
+            f"with num_features P < n and P <= {GRAM_LIMIT}, feature_gram() and "
+            "feature_matmul(U) (linft.ntk_operator gives one); use method='krylov'"
+        )
     if method == "nystrom" and not largest:
         raise ValueError("topk_eigh: method='nystrom' finds the largest eigenpairs only")
     max_iters = 50 if max_iters is None else int(max_iters)
@@ -436,6 +457,8 @@ def topk_eigh(
     gen.manual_seed(_DEFAULT_SEED if seed is None else int(seed))
     if method == "dense":
         out = _dense(op, k, largest, tol)
+    elif method == "gram":
+        out = _gram(A, op, k, tol)
     else:
         Q0 = torch.randn(n, b, generator=gen, dtype=op.dtype, device=op.device)
         solve = _krylov if method == "krylov" else _nystrom
@@ -715,3 +738,36 @@ def _dense(op, k: int, largest: bool, tol: float) -> Eig:
     r = float(torch.linalg.vector_norm(AU64 - U.double() * w[idx], dim=0).max())
     other = (w[keep], torch.full_like(w[keep], r))
     return _finish(op, U, norm, 1, tol, other, AU64=AU64)[0]
+
+
+def gram_route(A: Any, n: int) -> bool:
+    """Whether ``A = F F^T`` offers its ``P x P`` Gram ``F^T F`` (``num_features``,
+    ``feature_gram``, ``feature_matmul``) with ``P < n`` and ``P <= GRAM_LIMIT``: then one
+    pass over F and one ``eigh`` of ``P x P`` give every nonzero eigenvalue of A."""
+    P = getattr(A, "num_features", None)
+    return (
+        isinstance(P, int)
+        and 0 < P < n
+        and P <= GRAM_LIMIT
+        and callable(getattr(A, "feature_gram", None))
+        and callable(getattr(A, "feature_matmul", None))
+    )
+
+
+def _gram(A: Any, op, k: int, tol: float) -> Eig:
+    """Top-k pairs of ``A = F F^T`` from ``G = F^T F = U W U^T`` (fp64 eigh): values ``W``,
+    vectors ``F u / sqrt(w)``. Passes over F: one for G, one for the vectors, and one
+    product with A (two passes) to certify them as every method does (``_finish``)."""
+    G = A.feature_gram().double()
+    w, U = torch.linalg.eigh((G + G.T) * 0.5)
+    w, U = w.flip(0), U.flip(1)
+    norm = float(w[0]) if w.numel() else 0.0
+    top = w[:k].clamp_min(0.0)
+    V = A.feature_matmul(U[:, :k].contiguous()).double()
+    V = V / torch.where(top > 0, top.sqrt(), 1.0)
+    V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(1e-300)
+    # eigh is backward stable in fp64: the other eigenvalues (and the n - P zeros of A) are
+    # known to P eps64 ||G||.
+    others = torch.cat([w[k:], w.new_zeros(1)])
+    spread = torch.full_like(others, w.numel() * torch.finfo(torch.float64).eps * norm)
+    return _finish(op, V.to(op.dtype), norm, 1, tol, (others, spread))[0]

@@ -9,19 +9,17 @@ Malladi et al. 2023): one all-reduce of ``J^T X`` (``[P, m]``) and one all-gathe
 rows ``J_r (J^T X)`` per product, so K is never formed anywhere.
 
 Every rank gets the same product, so every rank runs the same deterministic solver
-(``topk_eigh`` with a seed) and finds the same eigenpairs. ``spectrum`` summarises
-either (``linft.spectrum`` hands them here).
+(``topk_eigh`` with a seed) and finds the same eigenpairs; ``linft.spectrum`` takes either
+as it takes any operator.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .eig import topk_eigh
 
 
 def _product_check(Y: Tensor, X: Tensor, comm, counts: list[int], what: str) -> Tensor:
@@ -112,6 +110,11 @@ class KernelShard:
             return self.local
         return self.comm.all_gather_rows(self.local, self.counts, "gathering the kernel")
 
+    def to_dense(self) -> Tensor:
+        """``full()`` of a symmetric kernel (what ``linft.spectrum`` reads)."""
+        self._square()
+        return self.full()
+
 
 @dataclass
 class JacobianShard:
@@ -194,80 +197,7 @@ class KernelOperator:
         """The whole kernel matrix on every rank, by products with the identity."""
         n = self.shape[0]
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
-        return torch.cat([self.matmul(eye[:, j : j + 1024]) for j in range(0, n, 1024)], 1)
+        M = torch.cat([self.matmul(eye[:, j : j + 1024]) for j in range(0, n, 1024)], 1)
+        return (M + M.T) * 0.5  # J (J^T I) is symmetric up to rounding
 
-
-def is_sharded(K) -> bool:
-    return isinstance(K, (KernelShard, KernelOperator))
-
-
-def spectrum(
-    K,
-    *,
-    k: int | None = None,
-    ridge: float = 0.0,
-    rtol: float | None = None,
-    fit_range: tuple[int, int] | None = None,
-    dense_threshold: int = 8192,
-    tol: float | None = None,
-):
-    """``linft.spectrum`` of a ``KernelShard`` or ``KernelOperator``, the same on every rank.
-
-    Up to ``dense_threshold`` rows with ``k=None``: K is gathered on every rank and
-    ``linft.spectrum`` runs on it (every eigenvalue). Otherwise the top ``k`` eigenvalues
-    come from ``topk_eigh`` (residual ``tol``, default 1e-6 for float64 K, 1e-5 for
-    float32), ``lambda_min`` from ``topk_eigh(largest=False)``, the trace from the shards.
-    The floor ``tau`` is ``linft.spectrum``'s rounding floor with ``|| |K| ||_2 <= trace(K)``
-    (``|K_ij| <= sqrt(K_ii K_jj)`` for a PSD K): ``(8 u + n eps64) trace(K)``, raised to the
-    resolution of ``lambda_min`` (its residual times ``||K||_2``), or ``rtol * lambda_max``.
-    ``lambda_min <= tau``: K counts as singular (``condition_number`` inf without a ridge).
-    ``rank``: n above the floor, the count of top-k eigenvalues above ``tau`` when the k-th
-    is below it, else None (only every eigenvalue would tell).
-    """
-    from .spectrum import _threshold, summary
-    from .spectrum import spectrum as dense_spectrum
-
-    n = K.shape[0]
-    if isinstance(K, KernelShard):
-        K._square()
-    if not ridge >= 0:
-        raise ValueError(f"spectrum: ridge must be >= 0, got {ridge}")
-    if k is None:
-        if n > dense_threshold:
-            raise ValueError(
-                f"spectrum of a sharded kernel with n = {n} > dense_threshold = "
-                f"{dense_threshold} rows: pass k= (the top eigenvalues to compute)"
-            )
-        M = K.full()  # exactly symmetric for a shard; J (J^T I) up to rounding
-        return dense_spectrum((M + M.T) * 0.5, ridge=ridge, rtol=rtol, fit_range=fit_range)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise ValueError(f"spectrum: k must be an integer in [1, n = {n}] or None, got {k!r}")
-    dtype = K.dtype
-    tol = (1e-6 if dtype == torch.float64 else 1e-5) if tol is None else float(tol)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # how well lambda_min is resolved is judged below
-        top = topk_eigh(K, k, tol=tol, seed=0)
-        bottom = topk_eigh(K, 1, largest=False, tol=tol, seed=1)
-    eigs = top.values.double().cpu()
-    lmax, lmin = float(eigs[0]), float(bottom.values[0])
-    trace = K.trace()
-    u = torch.finfo(dtype).eps / 2
-    rounding = (8 * u + n * torch.finfo(torch.float64).eps) * max(trace, 0.0)
-    resolved = float(bottom.residuals[0]) * max(top.norm, abs(lmax))
-    floor, source = (
-        max(rounding, resolved),
-        (
-            f"rounding of K: (8 u + n eps64) trace(K), u = unit roundoff of {dtype}"
-            if rounding >= resolved
-            else "resolution of lambda_min: its residual times ||K||_2"
-        ),
-    )
-    tau, source = _threshold(floor, source, lmax, lmin, None if rtol is None else float(rtol))
-    if lmin > tau:
-        rank = n
-    elif float(eigs[-1]) <= tau:
-        rank = int((eigs > tau).sum())
-    else:
-        rank = None
-    return summary(eigs, lmax, lmin, lmin <= tau, rank, trace, tau, source, ridge, n, k == n,
-                   fit_range, eigs)  # fmt: skip
+    to_dense = full

@@ -101,6 +101,8 @@ class Spectrum:
     rank_threshold: float
     complete: bool
     rank_threshold_source: str = ""
+    certified: Tensor | None = None
+    method: str = ""
 
 
 def spectrum(
@@ -112,18 +114,17 @@ def spectrum(
     fit_range: tuple[int, int] | None = None,
     dense_threshold: int = 8192,
 ) -> Spectrum:
-    """Spectrum summary of ``K`` ([n, n] or [N, C, N, C]); ``k`` keeps the top k ``eigenvalues``.
+    """Spectrum summary of ``K`` ([n, n] or [N, C, N, C], or an operator: see
+    ``operator_spectrum``); ``k`` keeps the top k ``eigenvalues``.
 
     ``ridge >= 0`` enters the condition number only. ``rtol`` overrides the rank threshold with
     ``tau = rtol * lambda_max`` (default: what K's precision certifies, see the module
     docstring), ``fit_range`` sets the 1-based range of the decay fit, and ``dense_threshold``
     the size above which the top-k / Cholesky path replaces dense ``eigvalsh``.
     """
-    from . import sharded  # kernels held by the ranks of a process group
-
-    if sharded.is_sharded(K):
-        return sharded.spectrum(K, k=k, ridge=ridge, rtol=rtol, fit_range=fit_range,
-                                dense_threshold=dense_threshold)  # fmt: skip
+    if not isinstance(K, Tensor) and callable(getattr(K, "matmul", None)):
+        return operator_spectrum(K, k=k, ridge=ridge, rtol=rtol, fit_range=fit_range,
+                                 dense_threshold=dense_threshold)  # fmt: skip
     M = _as_matrix(K)
     n = M.shape[0]
     if isinstance(k, bool) or (k is not None and (not isinstance(k, int) or not 0 < k <= n)):
@@ -153,8 +154,10 @@ def spectrum(
         rank = n if lmin > tau else _count_above(M, tau)
         complete, entropy_over = False, eigs
     singular = rank < n or lmin <= 0
-    return summary(eigs, lmax, lmin, singular, rank, trace, tau, source, ridge, n, complete,
-                   fit_range, entropy_over)  # fmt: skip
+    out = summary(eigs, lmax, lmin, singular, rank, trace, tau, source, ridge, n, complete,
+                  fit_range, entropy_over)  # fmt: skip
+    out.method = "eigvalsh" if complete else "topk_eigh"
+    return out
 
 
 def summary(
@@ -162,7 +165,7 @@ def summary(
     tau: float, source: str, ridge: float, n: int, complete: bool,
     fit_range: tuple[int, int] | None, entropy_over: Tensor,
 ) -> Spectrum:  # fmt: skip
-    """The ``Spectrum`` of eigenvalues already found (here and in ``linft.sharded``):
+    """The ``Spectrum`` of eigenvalues already found:
     condition number, decay fit, effective and stable ranks."""
     if ridge == 0:
         cond = math.inf if singular else lmax / lmin
@@ -372,3 +375,130 @@ def _threshold(
     if -2.0 * lmin > floor:
         return -2.0 * lmin, "negative eigenvalue: 2 |lambda_min|, error K demonstrably carries"
     return floor, source
+
+
+# ----------------------------------------------------------------- operators
+
+
+def operator_spectrum(
+    A,
+    *,
+    k: int | None = None,
+    ridge: float = 0.0,
+    rtol: float | None = None,
+    fit_range: tuple[int, int] | None = None,
+    dense_threshold: int = 8192,
+    tol: float | None = None,
+) -> Spectrum:
+    """``spectrum`` of an operator: ``shape``, ``dtype``, ``matmul(X)`` and ``trace()``; what
+    else it offers picks the method (by what it can do, never by its type):
+
+    - ``num_features`` P < n with ``feature_gram()`` (``A = F F^T``, P <= ``GRAM_LIMIT``):
+      every eigenvalue, from one pass over F and an fp64 ``eigh`` of ``F^T F`` (P x P)
+      padded with the n - P zeros of A (``complete``; K singular when P < n).
+    - else, ``k=None`` and n <= ``dense_threshold``: ``to_dense()`` and the dense path.
+    - else the top ``k`` from ``topk_eigh`` (residual ``tol``, default 1e-6 for float64
+      products, 1e-5 for float32), and ``lambda_min``: 0 when P < n is known (rank <= P),
+      else ``topk_eigh(largest=False)``. Effective rank over the top k then.
+
+    The floor ``tau`` is ``spectrum``'s rounding floor with ``|| |K| ||_2 <= trace(K)``
+    (``|K_ij| <= sqrt(K_ii K_jj)`` for a PSD K): ``(8 u + n eps64) trace(K)`` with ``u``
+    the unit roundoff of the operator's dtype, raised to the resolution of ``lambda_min``
+    (its residual times ``||K||_2``), or ``rtol * lambda_max``. ``lambda_min <= tau``:
+    singular. ``rank``: n above the floor, the count of the top-k eigenvalues above ``tau``
+    when the k-th is below it, else None (only every eigenvalue would tell). Every process
+    of a sharded operator (``linft.KernelShard``, ``JacobianShard.kernel()``) gets the same
+    answer.
+    """
+    from .eig import gram_route
+
+    shape = tuple(getattr(A, "shape", ()))
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+        raise ValueError(f"spectrum: an operator must have a square shape (n, n), got {shape}")
+    n = int(shape[0])
+    if isinstance(k, bool) or (k is not None and (not isinstance(k, int) or not 0 < k <= n)):
+        raise ValueError(f"spectrum: k must be an integer in [1, n = {n}] or None, got {k!r}")
+    if not ridge >= 0:
+        raise ValueError(f"spectrum: ridge must be >= 0, got {ridge}")
+    rtol = None if rtol is None else float(rtol)
+    dtype = torch.float64 if getattr(A, "dtype", None) == torch.float64 else torch.float32
+    P = getattr(A, "num_features", None)
+    if gram_route(A, n):
+        return _gram_spectrum(A, n, k, ridge, rtol, fit_range, dtype)
+    if k is None:
+        if n > dense_threshold or not callable(getattr(A, "to_dense", None)):
+            raise ValueError(
+                f"spectrum of an operator with n = {n} rows (dense_threshold = "
+                f"{dense_threshold}, to_dense: {callable(getattr(A, 'to_dense', None))}): pass "
+                "k= (the top eigenvalues to compute)"
+            )
+        M = A.to_dense()
+        return spectrum((M + M.T) * 0.5, ridge=ridge, rtol=rtol, fit_range=fit_range)
+    if not callable(getattr(A, "trace", None)):
+        raise TypeError("spectrum: an operator needs trace() (sum of its diagonal) for k=...")
+    tol = (1e-6 if dtype == torch.float64 else 1e-5) if tol is None else float(tol)
+    low_rank = isinstance(P, int) and P < n  # rank <= P < n: lambda_min = 0 exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # how well lambda_min is resolved is judged below
+        top = topk_eigh(A, k, tol=tol, seed=0, method="krylov" if n > 256 else "auto")
+        bottom = None if low_rank else topk_eigh(A, 1, largest=False, tol=tol, seed=1)
+    if not top.converged:
+        warnings.warn(
+            f"spectrum: the top {k} eigenvalues are certified only to a relative "
+            f"{float(top.errors.max()):.2g} (tol {tol:g})",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    eigs = top.values.double().cpu()
+    lmax = float(eigs[0])
+    lmin = 0.0 if bottom is None else float(bottom.values[0])
+    trace = float(A.trace())
+    u = torch.finfo(dtype).eps / 2
+    rounding = (8 * u + n * _EPS64) * max(trace, 0.0)
+    resolved = 0.0 if bottom is None else float(bottom.residuals[0]) * max(top.norm, abs(lmax))
+    floor, source = (
+        max(rounding, resolved),
+        (
+            f"rounding of K: (8 u + n eps64) trace(K), u = unit roundoff of {dtype}"
+            if rounding >= resolved
+            else "resolution of lambda_min: its residual times ||K||_2"
+        ),
+    )
+    tau, source = _threshold(floor, source, lmax, lmin, rtol)
+    if lmin > tau:
+        rank = n
+    elif float(eigs[-1]) <= tau:
+        rank = int((eigs > tau).sum())
+    else:
+        rank = None
+    out = summary(eigs, lmax, lmin, lmin <= tau, rank, trace, tau, source, ridge, n, k == n,
+                  fit_range, eigs)  # fmt: skip
+    out.certified, out.method = top.errors.cpu(), top.method
+    return out
+
+
+def _gram_spectrum(A, n: int, k, ridge, rtol, fit_range, dtype) -> Spectrum:
+    """Every eigenvalue of ``A = F F^T`` from ``F^T F`` (``operator_spectrum``)."""
+    G = A.feature_gram().double()
+    w = torch.linalg.eigvalsh((G + G.T) * 0.5).flip(0).cpu()
+    P = w.numel()
+    w = torch.cat([w, w.new_zeros(n - P)])
+    trace = float(G.diagonal().sum())  # trace(F^T F) = trace(F F^T)
+    u = torch.finfo(dtype).eps / 2
+    floor = (_ROUNDING_UNITS * u + n * _EPS64) * max(trace, 0.0)
+    source = (
+        f"rounding of K: (8 u + n eps64) trace(K), u = unit roundoff of "
+        f"{str(dtype).replace('torch.', '')}"
+    )
+    lmax, lmin = float(w[0]), float(w[-1])
+    tau, source = _threshold(floor, source, lmax, lmin, rtol)
+    rank = int((w > tau).sum())
+    eigs = w if k is None else w[:k]
+    out = summary(eigs, lmax, lmin, rank < n or lmin <= 0, rank, trace, tau, source, ridge, n,
+                  True, fit_range, w)  # fmt: skip
+    # eigh in fp64 of a Gram accumulated in fp64 is backward stable: each eigenvalue to
+    # P eps64 ||G|| (Weyl), relative to itself
+    bound = P * _EPS64 * max(lmax, 0.0)
+    out.certified = torch.where(eigs > 0, bound / eigs.clamp_min(1e-300), math.inf)
+    out.method = "gram"
+    return out
