@@ -11,9 +11,11 @@ longest):
   on query/value, peft's init); ``--dense`` also forms K with ``linft.ntk`` and compares the
   top k with its ``eigvalsh``.
 
-Reported: the J pass, the spectrum (products or the Gram, and the rest: the eigensolver),
-passes over J, one plain read of J (the bandwidth floor of a product, which reads J twice),
-peak resident memory, and the top-k error relative to lambda_max against the reference.
+Reported: the J pass, the spectrum (``passes_s``: the passes over J, products or the Gram;
+the rest is the eigensolver), passes over J, one pass that reads every byte of J (a sum: the
+bandwidth floor of a pass), one product of the method's operator with 1 and with ``b``
+columns (``features``: ``J^T (J V)``, one pass; ``krylov``: ``J (J^T X)``, two), peak
+resident memory, and the top-k error relative to lambda_max against the reference.
 
     PYTHONPATH=. python benchmarks/bench_operator.py --case tiny --samples 60000
     PYTHONPATH=. python benchmarks/bench_operator.py --case minilm --samples 8000 --dense
@@ -135,14 +137,17 @@ def main() -> None:
                effective_rank=s.effective_rank, complete=s.complete, rank=s.rank,
                certified_max=float(s.certified.max()))  # fmt: skip
     t = time.perf_counter()
-    for _ in op.J:  # one plain read of J: what a product cannot beat, twice
-        pass
+    for _, J in op.J:  # one pass that reads every byte of J: what no product can beat
+        J.sum()
     res["read_once_s"] = time.perf_counter() - t
-    if s.method == "krylov":
-        X = torch.randn(op.shape[0], k + max(10, k // 2))
-        t = time.perf_counter()
-        op.matmul(X)
-        res["product_s"] = time.perf_counter() - t
+    b = k + max(10, k // 2)  # the eigensolver's block
+    if s.method in ("features", "krylov"):
+        A = op.feature_kernel() if s.method == "features" else op
+        for cols in (1, b):
+            X = torch.randn(A.shape[0], cols)
+            t = time.perf_counter()
+            A.matmul(X)
+            res[f"product_{cols}_s"] = time.perf_counter() - t
     res["peak_rss_gb"] = peak_rss_gb()
     if args.address_space_gb:
         resource.setrlimit(resource.RLIMIT_AS, (hard, hard))

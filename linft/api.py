@@ -193,10 +193,14 @@ def ntk_operator(
 
     One pass of the model computes J (``[N C, P]``, the rows of ``jacobian``, self-checked
     as in ``ntk``); the operator (``linft.operator.NTKOperator``) then answers ``shape``,
-    ``dtype``, ``matmul(X)`` (``K X = J (J^T X)``, two passes over J), ``trace()``,
-    ``diagonal()``, ``to_dense()`` (small N), and ``feature_gram()`` (``J^T J``, one pass),
-    which ``linft.topk_eigh``, ``linft.spectrum`` and ``linft.kernel_regression`` use.
-    ``kernel``: ``"sgd"`` or ``"signgd"`` (the symmetric ones).
+    ``dtype``, ``matmul(X)`` (``K X = J (J^T X)``, two passes over J), ``trace()`` and
+    ``diagonal()`` (kept from the J pass), ``to_dense()`` (small N), ``feature_gram()``
+    (``J^T J`` ``[P, P]``, one pass) and ``feature_kernel()`` (``J^T J`` as an operator: one
+    pass per product), which ``linft.topk_eigh``, ``linft.spectrum`` and
+    ``linft.kernel_regression`` use: ``spectrum(op, k=...)`` takes every eigenvalue from one
+    ``eigh`` of ``J^T J`` when P < N C (and P <= 16384), else block Krylov on ``J^T J`` at one
+    pass over J per product. ``kernel``: ``"sgd"`` or ``"signgd"`` (the symmetric ones).
+    Passes over J show on a progress bar (a terminal, or ``progress=True``).
 
     ``store``: where J lives. ``"auto"``: in memory while it fits ``memory`` bytes (None: half
     of the memory available now), the rest in checksummed files under ``checkpoint=DIR``

@@ -28,6 +28,12 @@ without forming K). Methods:
   certifying product), against 2 per product for ``"krylov"`` (``(1 + 3)`` products of a
   block per restart cycle, plus one to certify). ``"auto"`` takes it whenever it applies
   (``P <= GRAM_LIMIT``, largest, ``k <= P``).
+- ``"features"``: for an operator ``A = F F^T`` that offers ``feature_kernel()`` (``F^T F``
+  as an operator ``[P, P]`` whose product reads F once) and ``feature_matmul(U)``: block
+  Krylov on ``F^T F`` (same nonzero eigenvalues, each certified there), then the vectors
+  ``F u / sqrt(theta)`` (one pass) certified on A (one product: two passes). Passes over F:
+  one per product against two for ``"krylov"`` on A, plus three. ``"auto"`` takes it where
+  ``"gram"`` does not apply (P above ``GRAM_LIMIT``, or ``P >= n``), largest, ``k <= P``.
 
 Three steps are torch ops of the C++/CUDA extension (``torch.ops.linft``): ``symm_matmul``,
 ``orthonormalize`` and ``rayleigh_ritz``. The functions of the same names here are their
@@ -54,7 +60,7 @@ __all__ = [
     "topk_eigh",
 ]
 
-_METHODS = ("auto", "krylov", "nystrom", "dense", "gram")
+_METHODS = ("auto", "krylov", "nystrom", "dense", "gram", "features")
 # Largest P whose P x P Gram (float64) and eigh the "gram" method takes on (2 GiB).
 GRAM_LIMIT = 16384
 _BACKENDS = ("auto", "extension", "torch")
@@ -436,15 +442,24 @@ def topk_eigh(
     p = max(10, k // 2) if oversample is None else int(oversample)
     b = min(n, k + max(p, 0))
     gram = gram_route(A, n)
+    features = features_route(A) and largest and k <= A.num_features
     if method == "auto":
         if gram and largest and k <= A.num_features:
             method = "gram"
+        elif features and 2 * (1 + _DEPTH) * b <= A.num_features:
+            method = "features"
         else:
             method = "dense" if n <= 256 or 2 * (1 + _DEPTH) * b > n else "krylov"
     if method == "gram" and not (gram and largest and k <= A.num_features):
         raise ValueError(
             "topk_eigh: method='gram' needs largest=True, k <= P and an operator A = F F^T "
             f"with num_features P < n and P <= {GRAM_LIMIT}, feature_gram() and "
+            "feature_matmul(U) (linft.ntk_operator gives one); use method='krylov'"
+        )
+    if method == "features" and not features:
+        raise ValueError(
+            "topk_eigh: method='features' needs largest=True, k <= P and an operator A = F F^T "
+            "with num_features P, feature_kernel() (F^T F as an operator) and "
             "feature_matmul(U) (linft.ntk_operator gives one); use method='krylov'"
         )
     if method == "nystrom" and not largest:
@@ -459,12 +474,16 @@ def topk_eigh(
         out = _dense(op, k, largest, tol)
     elif method == "gram":
         out = _gram(A, op, k, tol)
+    elif method == "features":
+        out = _features(A, op, k, tol, max_iters, gen, p, backend)
     else:
         Q0 = torch.randn(n, b, generator=gen, dtype=op.dtype, device=op.device)
         solve = _krylov if method == "krylov" else _nystrom
         out = solve(op, Q0, k, largest, tol, max_iters, _ops(backend))
     out = _ordered(out, largest)
-    out.matmuls, out.method, out.backend = op.count, method, backend
+    # "features": the products with F^T F (one pass over F each), then A's own
+    out.matmuls = op.count + (out.matmuls if method == "features" else 0)
+    out.method, out.backend = method, backend
     out.product = op.product if op.count else "none"  # none: eigh of the matrix itself
     if not out.converged:
         warnings.warn(
@@ -674,11 +693,14 @@ def _krylov(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, o
             rest = (theta[k:], _ritz_residuals(U[:, k:], AU[:, k:], theta[k:]))
             out, AU_k = _finish(op, U[:, :k], norm, it, tol, rest, stalled=stalled)
             if out.converged or it == max_iters:
+                out.rest = rest
                 return out
             AU = torch.cat([AU_k, AU[:, k:]], 1)
         Q, AQ = U, AU
     rest = (theta[kk:], _ritz_residuals(U[:, kk:], AU[:, kk:], theta[kk:]))
-    return _finish(op, U[:, :k], norm, it, tol, rest, stalled=stalled)[0]
+    out = _finish(op, U[:, :k], norm, it, tol, rest, stalled=stalled)[0]
+    out.rest = rest  # the other Ritz values and residuals: gaps for a caller's bounds
+    return out
 
 
 def _nystrom(op, Q0: Tensor, k: int, largest: bool, tol: float, max_iters: int, ops) -> Eig:
@@ -771,3 +793,34 @@ def _gram(A: Any, op, k: int, tol: float) -> Eig:
     others = torch.cat([w[k:], w.new_zeros(1)])
     spread = torch.full_like(others, w.numel() * torch.finfo(torch.float64).eps * norm)
     return _finish(op, V.to(op.dtype), norm, 1, tol, (others, spread))[0]
+
+
+def features_route(A: Any) -> bool:
+    """Whether ``A = F F^T`` offers ``F^T F`` as an operator (``feature_kernel()``, one pass
+    over F per product) and ``feature_matmul(U)`` for the vectors."""
+    P = getattr(A, "num_features", None)
+    return (
+        isinstance(P, int)
+        and P > 0
+        and callable(getattr(A, "feature_kernel", None))
+        and callable(getattr(A, "feature_matmul", None))
+    )
+
+
+def _features(A: Any, op, k: int, tol: float, max_iters: int, gen, p: int, backend: str) -> Eig:
+    """Top-k pairs of ``A = F F^T`` by block Krylov on ``G = F^T F`` (one pass over F per
+    product): G's Ritz values are A's eigenvalues, its vectors u give A's ``F u / sqrt(theta)``,
+    certified on A itself by one product (``_finish``)."""
+    G = A.feature_kernel()
+    inner = _Operator(G, backend)
+    P = inner.n
+    Q0 = torch.randn(P, min(P, k + max(p, 0)), generator=gen, dtype=inner.dtype, device=inner.device)
+    found = _krylov(inner, Q0, k, True, tol, max_iters, _ops(backend))
+    top = found.values.double().clamp_min(0.0)
+    V = A.feature_matmul(found.vectors.to(op.dtype).contiguous()).double()
+    V = V / torch.where(top > 0, top.sqrt(), 1.0)
+    V = V / torch.linalg.vector_norm(V, dim=0).clamp_min(1e-300)
+    # The gaps to the rest of the spectrum: G's other Ritz values and their residuals.
+    out = _finish(op, V.to(op.dtype), found.norm, found.iterations, tol, found.rest)[0]
+    out.matmuls = inner.count  # products with F^T F
+    return out

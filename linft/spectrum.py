@@ -83,7 +83,10 @@ class Spectrum:
     fewer than two eigenvalues are usable), ``ridge``, ``n``, ``rank_threshold`` (``tau``,
     absolute), ``complete`` (whether every eigenvalue was computed) and
     ``rank_threshold_source``: which floor ``tau`` is (the rounding of K, a negative
-    ``lambda_n``, or ``rtol``), with its formula.
+    ``lambda_n``, or ``rtol``), with its formula. ``certified`` (fp64, an operator's
+    spectrum): per eigenvalue a bound on its error relative to itself; ``method``: what found
+    them (``"eigvalsh"``, ``"topk_eigh"``, and for an operator ``"gram"``, ``"features"``,
+    ``"krylov"`` or ``"dense"``).
     """
 
     eigenvalues: Tensor
@@ -398,8 +401,15 @@ def operator_spectrum(
       padded with the n - P zeros of A (``complete``; K singular when P < n).
     - else, ``k=None`` and n <= ``dense_threshold``: ``to_dense()`` and the dense path.
     - else the top ``k`` from ``topk_eigh`` (residual ``tol``, default 1e-6 for float64
-      products, 1e-5 for float32), and ``lambda_min``: 0 when P < n is known (rank <= P),
-      else ``topk_eigh(largest=False)``. Effective rank over the top k then.
+      products, 1e-5 for float32): of ``feature_kernel()`` (``F^T F``, whose product reads F
+      once: K's nonzero eigenvalues at one pass over F per product, ``method="features"``)
+      where it is offered with ``k <= P``, else of the operator itself (``"krylov"``: two
+      passes per product for ``J (J^T X)``); and ``lambda_min``: 0 when P < n is known
+      (rank <= P), else ``topk_eigh(largest=False)`` on the operator. Effective rank over
+      the top k then. The trace is ``trace()`` (``linft.ntk_operator``: kept from the J pass).
+
+    ``certified``: per eigenvalue, the bound on its error relative to itself; ``method``:
+    which of these gave the values.
 
     The floor ``tau`` is ``spectrum``'s rounding floor with ``|| |K| ||_2 <= trace(K)``
     (``|K_ij| <= sqrt(K_ii K_jj)`` for a PSD K): ``(8 u + n eps64) trace(K)`` with ``u``
@@ -410,7 +420,7 @@ def operator_spectrum(
     of a sharded operator (``linft.KernelShard``, ``JacobianShard.kernel()``) gets the same
     answer.
     """
-    from .eig import gram_route
+    from .eig import features_route, gram_route
 
     shape = tuple(getattr(A, "shape", ()))
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
@@ -438,9 +448,14 @@ def operator_spectrum(
         raise TypeError("spectrum: an operator needs trace() (sum of its diagonal) for k=...")
     tol = (1e-6 if dtype == torch.float64 else 1e-5) if tol is None else float(tol)
     low_rank = isinstance(P, int) and P < n  # rank <= P < n: lambda_min = 0 exactly
+    # Values only: F^T F (one pass over F per product) has K's nonzero eigenvalues
+    if features_route(A) and k <= P and P > 256:
+        top_of, method = A.feature_kernel(), "features"
+    else:
+        top_of, method = A, "krylov" if n > 256 else "auto"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # how well lambda_min is resolved is judged below
-        top = topk_eigh(A, k, tol=tol, seed=0, method="krylov" if n > 256 else "auto")
+        top = topk_eigh(top_of, k, tol=tol, seed=0, method="krylov" if method != "auto" else "auto")
         bottom = None if low_rank else topk_eigh(A, 1, largest=False, tol=tol, seed=1)
     if not top.converged:
         warnings.warn(
@@ -473,7 +488,8 @@ def operator_spectrum(
         rank = None
     out = summary(eigs, lmax, lmin, lmin <= tau, rank, trace, tau, source, ridge, n, k == n,
                   fit_range, eigs)  # fmt: skip
-    out.certified, out.method = top.errors.cpu(), top.method
+    out.certified = top.errors.cpu()
+    out.method = "features" if method == "features" else top.method
     return out
 
 

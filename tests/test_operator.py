@@ -97,12 +97,29 @@ def test_spectrum_of_operator_gram_route_matches_eigh():
     assert bool((e.errors <= 1e-4).all())
 
 
-def test_spectrum_of_operator_krylov_route_matches_eigh():
+class PlainOperator:
+    """Only what any operator has: no factor F to take the Gram or feature routes."""
+
+    def __init__(self, op):
+        self.op, self.shape, self.dtype = op, op.shape, op.dtype
+
+    def matmul(self, X):
+        return self.op.matmul(X)
+
+    def trace(self):
+        return self.op.trace()
+
+    def to_dense(self):
+        return self.op.to_dense()
+
+
+def test_spectrum_of_any_operator_krylov_route_matches_eigh():
     torch.manual_seed(2)
     model = roberta_classifier(num_labels=2)
     batch = token_batch(random_lengths(150), pad_id=1)  # n C = 300 < P: no Gram route
-    op = linft.ntk_operator(model, batch, batch_size=50, progress=False)
-    assert op.num_features > op.shape[0]
+    ntk_op = linft.ntk_operator(model, batch, batch_size=50, progress=False)
+    assert ntk_op.num_features > ntk_op.shape[0]
+    op = PlainOperator(ntk_op)
     K = op.to_dense().double()
     w = torch.linalg.eigvalsh(K).flip(0)
     s = linft.spectrum(op, k=10)
@@ -192,3 +209,64 @@ def test_operator_products_check_their_input(case):
         op.matmul(torch.randn(32, 2))
     with pytest.raises(ValueError, match="method='gram' needs"):
         linft.topk_eigh(op, 2, method="gram")  # P > n C here
+
+
+def test_feature_kernel_is_j_transpose_j_in_one_pass(case):
+    model, batch, _ = case
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    J = reference_jacobian(model, batch, linft.outputs.logits(), names).reshape(33, -1)
+    op = linft.ntk_operator(model, batch, batch_size=4, progress=False)
+    G = op.feature_kernel()
+    P = op.num_features
+    assert G.shape == (P, P)
+    V = torch.randn(P, 4, dtype=torch.float64)
+    passes = op.passes
+    assert_rel_close(G.matmul(V), J.T @ (J @ V), 1e-5, "J^T J V against float64")
+    assert op.passes - passes == 1
+    assert G.trace() == pytest.approx(float(J.square().sum()), rel=1e-6)
+    assert op.passes - passes == 1  # the diagonal was kept from the J pass
+
+
+@pytest.mark.parametrize("n_samples", [150, 700])  # P > n C, and P < n C past the Gram limit
+def test_features_route_matches_eigh(monkeypatch, n_samples):
+    import linft.eig
+
+    monkeypatch.setattr(linft.eig, "GRAM_LIMIT", 100)  # P = 1226 or 1251: no Gram route
+    torch.manual_seed(3)
+    model = roberta_classifier(num_labels=2)
+    batch = token_batch(random_lengths(n_samples), pad_id=1)
+    op = linft.ntk_operator(model, batch, batch_size=100, progress=False)
+    K = op.to_dense().double()
+    w = torch.linalg.eigvalsh(K).flip(0)
+    top = float(w[0])
+    s = linft.spectrum(op, k=12)
+    assert s.method == "features" and not s.complete
+    assert (s.eigenvalues - w[:12]).abs().max() <= 1e-5 * top
+    assert bool((s.certified <= 1e-4).all())
+    assert s.trace == pytest.approx(float(K.trace()), rel=1e-6)
+    if op.num_features < op.shape[0]:
+        assert s.lambda_min == 0.0
+    passes = op.passes
+    e = linft.topk_eigh(op, 6)
+    assert e.method == "features" and e.converged
+    # one pass per product with J^T J, then the vectors (one) and their certificate (two)
+    assert op.passes - passes == e.matmuls - 1 + 3
+    assert (e.values.double() - w[:6]).abs().max() <= 1e-5 * top
+    r = K @ e.vectors.double() - e.vectors.double() * w[:6]
+    assert float(r.norm(dim=0).max()) <= 1e-4 * top
+    # the same pairs as Krylov on K itself, at twice the passes per product
+    passes = op.passes
+    kry = linft.topk_eigh(op, 6, method="krylov")
+    assert op.passes - passes == 2 * kry.matmuls
+    assert (kry.values.double() - e.values.double()).abs().max() <= 1e-5 * top
+
+
+def test_passes_over_j_show_progress(case, capsys):
+    model, batch, _ = case
+    op = linft.ntk_operator(model, batch, batch_size=3, progress=True)
+    capsys.readouterr()
+    op.matmul(torch.randn(33, 2))
+    assert "passes over J: " in capsys.readouterr().err and op.passes == 2
+    quiet = linft.ntk_operator(model, batch, batch_size=3, progress=False)
+    quiet.matmul(torch.randn(33, 2))
+    assert capsys.readouterr().err == ""

@@ -93,7 +93,7 @@ def ntk_operator(
             if bar is not None:
                 bar.close()
     acc = torch.float64 if accumulate == "fp64" or job.dtype == torch.float64 else torch.float32
-    op = NTKOperator(J, acc, kernel)
+    op = NTKOperator(J, acc, kernel, progress)
     nbytes = op.shape[0] * op.num_features * J.dtype.itemsize
     say(
         f"linft: ntk_operator J [{op.shape[0]} x {op.num_features}] {str(J.dtype)[6:]} "

@@ -73,6 +73,7 @@ class StoredJacobian:
         self._ckpt, self._checked = ckpt, set()
         self.blocks: list[tuple[int, int, torch.Tensor | None]] = []  # (row0, rows, J or None)
         self.in_memory = self.in_file = 0
+        diagonal = []  # K's diagonal |J_i|^2 while each block passes: no pass of its own later
         used, pending = 0.0, []
         engine = job.engine()
         stream = _Pass(job, listed, kernel, n).stream(
@@ -88,6 +89,7 @@ class StoredJacobian:
                 C = self.num_outputs = J.shape[1]
                 self.dtype = J.dtype
                 rows = J.reshape(-1, J.shape[-1])
+                diagonal.append((start, rows.double().square().sum(1)))
                 size = rows.numel() * rows.element_size()
                 if used + size <= memory:
                     used += size
@@ -109,6 +111,7 @@ class StoredJacobian:
                     self.in_file += 1
         self._flush(pending)
         self.num_rows = n * self.num_outputs
+        self.diagonal = torch.cat([d for _, d in sorted(diagonal, key=lambda e: e[0])])
 
     def _flush(self, pending: list) -> None:
         """Consecutive blocks in memory as one chunk: products then run a few large GEMMs

@@ -10,6 +10,10 @@ What each method costs, in passes over J (a read of every stored block, or for
   are K's (``J^T J`` and ``J J^T`` share them): for ``P < n C`` every eigenvalue of K from
   one pass and a ``P x P`` ``eigh``.
 - ``feature_matmul(U)``: one; ``J U``, K's eigenvectors from G's (``v = J u / sqrt(lambda)``).
+- ``feature_kernel()``: ``G = J^T J`` ``[P, P]`` as an operator whose product
+  ``G V = sum_blocks J_b^T (J_b V)`` reads each block once: one pass per product where
+  ``matmul`` takes two, with the same nonzero eigenvalues. Block Krylov on it
+  (``topk_eigh``'s ``"features"``) halves the passes of Krylov on K.
 - ``to_dense()``: one, and ``(n C)^2`` floats of memory (small n only).
 
 Products accumulate in ``dtype`` (float32, or float64 with ``accumulate="fp64"``). The
@@ -32,14 +36,27 @@ class NTKOperator:
     ``num_features`` (P), ``passes`` (over J so far), ``store`` (where J lives, in words).
     """
 
-    def __init__(self, jacobian, accumulate: torch.dtype, kernel: str):
+    def __init__(self, jacobian, accumulate: torch.dtype, kernel: str, progress=None):
         self.J, self.dtype, self.kernel = jacobian, accumulate, kernel
+        self._progress, self._bar = progress, None
         self.device = jacobian.device
         n = jacobian.num_rows
         self.shape = (n, n)
         self.num_features = jacobian.num_columns
         self.num_outputs = jacobian.num_outputs
         self._diagonal: Tensor | None = None
+
+    def rows(self):
+        """``(first row, J rows)`` of one pass over J, counted on a progress bar (a terminal,
+        or ``progress=True``): a spectrum of a large kernel is tens of passes."""
+        yield from self.J
+        if self._progress is not False:
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                disable = None if self._progress is None else False
+                self._bar = tqdm(desc="linft: passes over J", unit="pass", disable=disable)
+            self._bar.update(1)
 
     @property
     def passes(self) -> int:
@@ -74,11 +91,11 @@ class NTKOperator:
         """``K X`` for X ``[n C, b]`` (or a vector ``[n C]``): two passes over J."""
         X, vector = self._check(X, self.shape[0], "matmul")
         Z = torch.zeros(self.num_features, X.shape[1], dtype=self.dtype, device=self.device)
-        for row0, J in self.J:
+        for row0, J in self.rows():
             J = self._rows(J)
             Z.addmm_(J.T, X[row0 : row0 + J.shape[0]])
         Y = torch.empty_like(X)
-        for row0, J in self.J:
+        for row0, J in self.rows():
             J = self._rows(J)
             torch.mm(J, Z, out=Y[row0 : row0 + J.shape[0]])
         return Y[:, 0] if vector else Y
@@ -88,8 +105,10 @@ class NTKOperator:
     def diagonal(self) -> Tensor:
         """``K_ii = |J_i|^2`` ``[n C]`` (float64 sums, in ``dtype``): one pass, then kept."""
         if self._diagonal is None:
+            self._diagonal = getattr(self.J, "diagonal", None)  # found in the J pass
+        if self._diagonal is None:
             d = torch.empty(self.shape[0], dtype=torch.float64, device=self.device)
-            for row0, J in self.J:
+            for row0, J in self.rows():
                 d[row0 : row0 + J.shape[0]] = self._rows(J, torch.float64).square().sum(1)
             self._diagonal = d
         return self._diagonal.to(self.dtype)
@@ -104,7 +123,7 @@ class NTKOperator:
         one pass; the nonzero eigenvalues of K."""
         P = self.num_features
         G = torch.zeros(P, P, dtype=torch.float64, device=self.device)
-        for _, J in self.J:
+        for _, J in self.rows():
             J = self._rows(J, torch.float64)
             G.addmm_(J.T, J)
         return (G + G.T) * 0.5
@@ -113,10 +132,14 @@ class NTKOperator:
         """``J U`` ``[n C, b]`` for U ``[P, b]``: one pass."""
         U, vector = self._check(U, self.num_features, "feature_matmul")
         Y = torch.empty(self.shape[0], U.shape[1], dtype=U.dtype, device=self.device)
-        for row0, J in self.J:
+        for row0, J in self.rows():
             J = self._rows(J, U.dtype)
             torch.mm(J, U, out=Y[row0 : row0 + J.shape[0]])
         return Y[:, 0] if vector else Y
+
+    def feature_kernel(self) -> FeatureKernel:
+        """``J^T J`` ``[P, P]`` as an operator: one pass over J per product."""
+        return FeatureKernel(self)
 
     def to_dense(self) -> Tensor:
         """K ``[n C, n C]`` itself (one pass; for kernels that fit in memory)."""
@@ -128,6 +151,37 @@ class NTKOperator:
                 "for what is needed instead: linft.spectrum(op, k=...), linft.topk_eigh(op, k), "
                 "op.matmul(X), op.diagonal()"
             )
-        J = torch.cat([self._rows(J) for _, J in self.J])
+        J = torch.cat([self._rows(J) for _, J in self.rows()])
         K = J @ J.T
         return (K + K.T) * 0.5
+
+
+class FeatureKernel:
+    """``G = J^T J`` ``[P, P]`` of an ``NTKOperator``: ``matmul(V) = sum_b J_b^T (J_b V)``, one
+    pass over J per product (K's ``matmul`` needs all of ``J^T X`` before ``J Z`` can start:
+    two). G and ``K = J J^T`` have the same nonzero eigenvalues with the same multiplicities,
+    and ``trace(G) = trace(K)``; an eigenvector u of G gives K's ``J u / sqrt(lambda)``."""
+
+    def __init__(self, kernel: NTKOperator):
+        self.kernel = kernel
+        P = kernel.num_features
+        self.shape = (P, P)
+        self.dtype, self.device = kernel.dtype, kernel.device
+
+    def __repr__(self) -> str:
+        return f"FeatureKernel(J^T J of {self.kernel!r})"
+
+    def matmul(self, V: Tensor) -> Tensor:
+        """``J^T (J V)`` for V ``[P, b]`` (or ``[P]``): one pass over J."""
+        K = self.kernel
+        V, vector = K._check(V, self.shape[0], "feature_kernel().matmul")
+        Y = torch.zeros_like(V)
+        for _, J in K.rows():
+            J = K._rows(J)
+            Y.addmm_(J.T, J @ V)
+        return Y[:, 0] if vector else Y
+
+    __matmul__ = matmul
+
+    def trace(self) -> float:
+        return self.kernel.trace()
