@@ -71,18 +71,20 @@ def tiny_model(path: str):
 class Timed:
     """The operator with the time of its passes over J counted (products, Gram, vectors)."""
 
-    def __init__(self, op):
-        self.op, self.seconds = op, 0.0
+    def __init__(self, op, counter=None):
+        self.op, self.seconds, self.counter = op, 0.0, counter or self
 
     def __getattr__(self, name):
         attr = getattr(self.op, name)
+        if name == "feature_kernel":  # J^T J as an operator: its products are passes too
+            return lambda: Timed(attr(), self)
         if name not in ("matmul", "feature_gram", "feature_matmul", "diagonal", "trace"):
             return attr
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
             out = attr(*args, **kwargs)
-            self.seconds += time.perf_counter() - t
+            self.counter.seconds += time.perf_counter() - t
             return out
 
         return timed

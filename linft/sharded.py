@@ -6,7 +6,10 @@
 ``JacobianShard``: rank r's rows of J (``jacobian(..., out="shard")``); ``.kernel()`` is
 the matrix-free operator ``K X = J (J^T X)`` (Jacot et al. 2018; the empirical NTK of
 Malladi et al. 2023): one all-reduce of ``J^T X`` (``[P, m]``) and one all-gather of the
-rows ``J_r (J^T X)`` per product, so K is never formed anywhere.
+rows ``J_r (J^T X)`` per product, so K is never formed anywhere. It also offers
+``J^T J`` (``feature_kernel()``: one all-reduce of ``[P, m]`` per product, no all-gather;
+``feature_gram()``: one all-reduce of ``[P, P]``), where ``linft.spectrum`` and
+``topk_eigh`` find K's nonzero eigenvalues at half the communication.
 
 Every rank gets the same product, so every rank runs the same deterministic solver
 (``topk_eigh`` with a seed) and finds the same eigenpairs; ``linft.spectrum`` takes either
@@ -19,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
 
 
 def _product_check(Y: Tensor, X: Tensor, comm, counts: list[int], what: str) -> Tensor:
@@ -187,6 +189,42 @@ class KernelOperator:
         counts = [c * self.per for c in sh.counts]
         return _product_check(Y, X, sh.comm, counts, "multiplying a sharded Jacobian")
 
+    # A = F F^T with F = J (not the traced kernel): the P-space routes of linft.eig
+    @property
+    def num_features(self) -> int | None:
+        return None if self.traced else int(self.J.shape[-1])
+
+    def feature_kernel(self) -> SharedFeatureKernel:
+        """``J^T J`` ``[P, P]`` as an operator: ``sum_r J_r^T (J_r V)``, one all-reduce of
+        ``[P, m]`` per product and no all-gather (``matmul`` needs both)."""
+        self._features("feature_kernel")
+        return SharedFeatureKernel(self)
+
+    def feature_gram(self) -> Tensor:
+        """``J^T J`` ``[P, P]`` in float64: one all-reduce of ``P^2`` floats."""
+        self._features("feature_gram")
+        J = self._rows().double()
+        G = J.T @ J
+        if self.shard.comm is not None:
+            G = self.shard.comm.all_reduce(G, "summing J^T J over the ranks")
+        return (G + G.T) * 0.5
+
+    def feature_matmul(self, U: Tensor) -> Tensor:
+        """``J U`` ``[N C, b]`` on every rank (one all-gather of its rows)."""
+        self._features("feature_matmul")
+        Y = self._rows().to(U.dtype) @ U.to(self.device)
+        if self.shard.comm is None:
+            return Y
+        counts = [c * self.per for c in self.shard.counts]
+        return self.shard.comm.all_gather_rows(Y, counts, "gathering J U")
+
+    def _rows(self) -> Tensor:
+        return self.J.reshape(-1, self.J.shape[-1])
+
+    def _features(self, what: str) -> None:
+        if self.traced:
+            raise ValueError(f"{what}: the traced kernel (outputs='trace') is not J J^T")
+
     def trace(self) -> float:
         t = (self.J.double() ** 2).sum().reshape(1)
         if self.shard.comm is not None:
@@ -201,3 +239,25 @@ class KernelOperator:
         return (M + M.T) * 0.5  # J (J^T I) is symmetric up to rounding
 
     to_dense = full
+
+
+class SharedFeatureKernel:
+    """``J^T J`` ``[P, P]`` of row-sharded Jacobians (``KernelOperator.feature_kernel``): the
+    same product on every rank, from one all-reduce."""
+
+    def __init__(self, kernel: KernelOperator):
+        self.kernel = kernel
+        P = kernel.num_features
+        self.shape = (P, P)
+        self.dtype, self.device = kernel.dtype, kernel.device
+
+    def matmul(self, V: Tensor) -> Tensor:
+        K = self.kernel
+        J = K._rows()
+        Y = J.T @ (J @ V.to(J.device, J.dtype))
+        if K.shard.comm is not None:
+            Y = K.shard.comm.all_reduce(Y, "summing J^T J V over the ranks")
+        return Y
+
+    def trace(self) -> float:
+        return self.kernel.trace()

@@ -143,6 +143,8 @@ def _shard_case(rank: int, world: int, model, batch, tmp) -> dict:
     J = linft.jacobian(model, batch, batch_size=2, out="shard")
     op_spec = linft.spectrum(J.kernel(), k=3)
     op_trace = linft.spectrum(J.kernel(outputs="trace"), k=2)
+    # Krylov on J^T J: one all-reduce per product, vectors gathered and certified on K
+    op_features = linft.topk_eigh(J.kernel(), 3, method="features", tol=1e-6)
     try:  # a different start block on each rank: refused on every rank
         linft.topk_eigh(shard, 2, method="krylov", tol=1e-3, seed=rank)
         mismatch = None
@@ -159,6 +161,7 @@ def _shard_case(rank: int, world: int, model, batch, tmp) -> dict:
         top=top.values,
         op_spec=op_spec,
         op_trace=op_trace,
+        op_features=(op_features.values, op_features.vectors, J.kernel().num_features),
         mismatch=mismatch,
     )
     if rank == 0:
@@ -270,6 +273,12 @@ def test_shards_and_sharded_spectrum(ranks):
         err_t = (s["op_trace"].eigenvalues[:2] - exact_t[:2]).abs().max() / exact_t[0]
         assert err_t < 1e-5, err_t
         assert s["mismatch"] is not None and "different X" in s["mismatch"]
+        values, vectors, P = s["op_features"]
+        assert P > M.shape[0] and s["op_spec"].method == ("features" if P > 256 else "krylov")
+        assert float((values.double() - exact[:3]).abs().max()) <= 1e-5 * scale
+        r = M @ vectors.double() - vectors.double() * exact[:3]
+        assert float(r.norm(dim=0).max()) <= 1e-4 * scale
+        assert torch.equal(values, results[0]["shard"]["op_features"][0])  # the same everywhere
     assert torch.equal(results[0]["shard"]["J"], results[0]["shard"]["J_ref"])
     assert all(r["shard"]["J"] is None for r in results[1:])
     # every rank found the same eigenvalues

@@ -164,3 +164,29 @@ def test_demo_without_the_pretrained_model_says_so_and_runs(monkeypatch, capsys)
     assert printed[1].startswith("linft demo: RoBERTa-shaped classifier")
     assert "12 sentences to train on, 4 held out" in printed[1]
     assert any("held-out accuracy" in line for line in printed)
+
+
+def test_minilm_kernel_operator_is_the_formed_kernel(minilm, tmp_path):
+    """The demo model (pretrained MiniLM, LoRA on query/value, head trained; P = 37,634 > N C):
+    the operator with J in files, its products, and its spectrum (Krylov on J^T J) against
+    the kernel ``linft.ntk`` forms and ``eigvalsh``."""
+    from linft.cli.demo import minilm_classifier
+
+    model, tokenizer = minilm_classifier(minilm)
+    texts, _ = _sentences(48)
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    K = linft.ntk(model, batch, batch_size=16, progress=False).reshape(96, 96).double()
+    op = linft.ntk_operator(model, batch, batch_size=16, memory=0, checkpoint=tmp_path,
+                            progress=False)  # fmt: skip
+    assert op.num_features == 37634 and "in files of" in op.store
+    X = torch.randn(96, 3, dtype=torch.float64)
+    assert_rel_close(op.matmul(X), K @ X, 1e-5, "MiniLM K X")
+    assert op.trace() == pytest.approx(float(K.trace()), rel=1e-6)
+    w = torch.linalg.eigvalsh(K).flip(0)
+    s = linft.spectrum(op, k=10)
+    assert s.method == "features"
+    assert (s.eigenvalues - w[:10]).abs().max() <= 1e-5 * float(w[0])
+    assert bool((s.certified <= 1e-4).all())
+    e = linft.topk_eigh(op, 4)
+    r = K @ e.vectors.double() - e.vectors.double() * w[:4]
+    assert float(r.norm(dim=0).max()) <= 1e-4 * float(w[0])

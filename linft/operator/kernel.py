@@ -28,6 +28,20 @@ from torch import Tensor
 _DENSE_LIMIT = 1 << 31  # bytes of K that to_dense forms (2 GiB)
 
 
+def _pieces(J: Tensor, row0: int, cols: int):
+    """``(first row, rows)`` of a block of J for a product with ``cols`` columns. On the CPU
+    the products run as ``X^T J`` on pieces of rows that stay in cache: with few columns a
+    whole block's ``J^T Z`` took 7-15x longer (a 6,000 x 37,634 block, 2 to 8 columns:
+    1.0-1.2 s against 0.10-0.16 s in pieces of 16 rows), and a product with 1 column reads J
+    once rather than twice."""
+    if J.device.type != "cpu":
+        yield row0, J
+        return
+    step = 16 if cols <= 8 else 256
+    for i in range(0, J.shape[0], step):
+        yield row0 + i, J[i : i + step]
+
+
 class NTKOperator:
     """``X -> K X`` for the kernel of ``linft.ntk_operator`` (see the module docstring).
 
@@ -90,14 +104,16 @@ class NTKOperator:
     def matmul(self, X: Tensor) -> Tensor:
         """``K X`` for X ``[n C, b]`` (or a vector ``[n C]``): two passes over J."""
         X, vector = self._check(X, self.shape[0], "matmul")
-        Z = torch.zeros(self.num_features, X.shape[1], dtype=self.dtype, device=self.device)
+        Xt = X.T.contiguous()  # [b, n C]: thin products as X^T J (see _pieces)
+        Zt = torch.zeros(Xt.shape[0], self.num_features, dtype=self.dtype, device=self.device)
         for row0, J in self.rows():
-            J = self._rows(J)
-            Z.addmm_(J.T, X[row0 : row0 + J.shape[0]])
-        Y = torch.empty_like(X)
+            for r, piece in _pieces(self._rows(J), row0, Xt.shape[0]):
+                Zt.addmm_(Xt[:, r : r + piece.shape[0]], piece)
+        Yt = torch.empty_like(Xt)
         for row0, J in self.rows():
-            J = self._rows(J)
-            torch.mm(J, Z, out=Y[row0 : row0 + J.shape[0]])
+            for r, piece in _pieces(self._rows(J), row0, Xt.shape[0]):
+                Yt[:, r : r + piece.shape[0]] = Zt @ piece.T
+        Y = Yt.T.contiguous()
         return Y[:, 0] if vector else Y
 
     __matmul__ = matmul
@@ -175,10 +191,12 @@ class FeatureKernel:
         """``J^T (J V)`` for V ``[P, b]`` (or ``[P]``): one pass over J."""
         K = self.kernel
         V, vector = K._check(V, self.shape[0], "feature_kernel().matmul")
-        Y = torch.zeros_like(V)
-        for _, J in K.rows():
-            J = K._rows(J)
-            Y.addmm_(J.T, J @ V)
+        Vt = V.T.contiguous()  # [b, P]: thin products as V^T J^T J (see _pieces)
+        Yt = torch.zeros_like(Vt)
+        for row0, J in K.rows():
+            for _, piece in _pieces(K._rows(J), row0, Vt.shape[0]):
+                Yt.addmm_(Vt @ piece.T, piece)
+        Y = Yt.T.contiguous()
         return Y[:, 0] if vector else Y
 
     __matmul__ = matmul
