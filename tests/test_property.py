@@ -71,13 +71,24 @@ def test_kernel_matches_reference(case):
     Ja = reference_jacobian(model, a, output, names)
     Jb = Ja if b is None else reference_jacobian(model, b, output, names)
     expected = gram(Ja, Jb, kernel)  # float64 signs of the exact Jacobian
+    # The rounding of a float32 dot product scales with sum |J_i| |J_j|, not with the entry:
+    # a cross-kernel entry that nearly cancels is judged on that scale.
+    scale = gram(Ja.abs(), Jb.abs())
     C = expected.shape[1]
     if case["outputs"] == "trace":
         expected = torch.einsum("icjc->ij", expected)
+        scale = torch.einsum("icjc->ij", scale)
     elif C == 1:
         expected = expected.reshape(Ja.shape[0], Jb.shape[0])
-    rel = 1e-5 if kernel == "sgd" else SIGN_REL
-    assert_rel_close(K, expected, rel, str({k: v for k, v in case.items() if k not in "ab"}))
+        scale = scale.reshape(Ja.shape[0], Jb.shape[0])
+    what = str({k: v for k, v in case.items() if k not in "ab"})
+    if kernel == "sgd":
+        err = float((K.double() - expected).norm() / scale.norm().clamp_min(1e-300))
+        assert err <= 1e-5, f"{what}: error {err:.3e} relative to sum |J_i| |J_j|"
+        # and most entries do not cancel: against the entries themselves, as a whole
+        assert_rel_close(K, expected, 1e-3, what)
+    else:
+        assert_rel_close(K, expected, SIGN_REL, what)
     if b is None and kernel != "asym_signgd":
         flat = K.reshape(K.shape[0] * (C if K.dim() == 4 else 1), -1)
         assert torch.equal(flat, flat.T)
