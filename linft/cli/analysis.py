@@ -210,6 +210,8 @@ def regression(K: Tensor, f0: Tensor, task: Task) -> dict:
         majority_accuracy=float(
             (task.labels[te] == torch.bincount(task.labels[tr]).argmax()).double().mean()
         ),
+        # the model's own outputs before any training: zero-shot for label-word logits
+        initial_accuracy=float((predicted_class(f0[te]) == task.labels[te]).double().mean()),
     )
     return result
 

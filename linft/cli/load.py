@@ -287,22 +287,74 @@ def _fresh_lora(model, spec: ModelSpec):
         raise CLIError(f"--lora-r: {_one_line(err)}; pass --target-modules") from None
 
 
+def gguf_source(path: Path) -> tuple[Path, str] | None:
+    """``(folder, file name)`` when ``--model`` is a GGUF file, or a folder holding one and no
+    ``config.json`` (a Hugging Face folder wins); None otherwise."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(f.name for f in path.glob("*.gguf"))
+    if len(found) > 1:
+        raise CLIError(
+            f"--model {path} holds {len(found)} GGUF files ({', '.join(found)}); pass one of "
+            "them as --model"
+        )
+    return (path, found[0]) if found else None
+
+
+def _load_gguf(folder: Path, name: str, spec: ModelSpec):
+    """A causal LM and its tokenizer from a GGUF file, dequantized to float32 by
+    transformers (which needs the ``gguf`` package)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise CLIError(
+            f"--model {folder / name} is a GGUF file, which transformers reads with the gguf "
+            "package: pip install gguf"
+        )
+    if spec.output != "last-token":
+        raise CLIError(
+            f"--model {folder / name} is a causal language model: its outputs are the label "
+            "words' logits at the last token (--output last-token --label-words w1,w2)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError) as err:
+        raise CLIError(
+            f"cannot load the GGUF file {folder / name}: {_one_line(err)}; pass a GGUF file of "
+            "an architecture transformers reads (llama, mistral, qwen2, gemma, ...)"
+        ) from None
+    return model, tokenizer
+
+
 def load_model(spec: ModelSpec):
     """``(model, tokenizer, adapter folder or None)``.
 
-    ``--model`` may be a model folder (``config.json``) or a peft adapter folder
+    ``--model`` may be a model folder (``config.json``), a GGUF file (or a folder with one:
+    a causal LM dequantized to float32) or a peft adapter folder
     (``adapter_config.json``): then its base model is loaded from
     ``base_model_name_or_path`` and the adapter on top of it, trainable. A fresh
     ``--lora-r`` adapter is seeded (``--seed``), as is a new classification head, so
     a rerun builds the same weights and resumes from its checkpoint.
     """
     folder = Path(spec.model)
-    if not folder.is_dir():
+    gguf = gguf_source(folder)
+    if gguf is None and not folder.is_dir():
         raise CLIError(
             f"--model {folder} is not a folder; pass a local Hugging Face model folder "
-            "(config.json) or a peft adapter folder (adapter_config.json)"
+            "(config.json), a peft adapter folder (adapter_config.json) or a GGUF file"
         )
     adapter = Path(spec.adapter) if spec.adapter else None
+    if gguf is not None:
+        _check_adapter(adapter, spec)
+        torch.manual_seed(spec.seed)
+        return _adapted(*_load_gguf(*gguf, spec), adapter, spec)
     base = adapter_base(folder)
     if base is not None:
         if adapter is not None:
@@ -313,6 +365,13 @@ def load_model(spec: ModelSpec):
         adapter = folder
     else:
         base = str(folder)
+    _check_adapter(adapter, spec)
+    torch.manual_seed(spec.seed)  # a new head and a new LoRA adapter are the same on a rerun
+    model = _load_base(base, spec, adapter)
+    return _adapted(model, _tokenizer(adapter, base), adapter, spec)
+
+
+def _check_adapter(adapter: Path | None, spec: ModelSpec) -> None:
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise CLIError(
             f"--adapter {adapter} has no adapter_config.json; pass a peft adapter folder"
@@ -322,9 +381,10 @@ def load_model(spec: ModelSpec):
             f"--lora-r adds a new adapter, but {adapter} is one already; drop --lora-r to analyze "
             "that adapter, or pass its base model alone"
         )
-    torch.manual_seed(spec.seed)  # a new head and a new LoRA adapter are the same on a rerun
-    model = _load_base(base, spec, adapter)
-    tokenizer = _tokenizer(adapter, base)
+
+
+def _adapted(model, tokenizer, adapter: Path | None, spec: ModelSpec):
+    """The loaded model with its adapter (trainable) or a new ``--lora-r`` one."""
     _set_pad_token(tokenizer, model)
     if adapter is not None:
         from peft import PeftModel
@@ -337,6 +397,26 @@ def load_model(spec: ModelSpec):
 
 
 # ------------------------------------------------------------------------ outputs
+
+
+def prompts(texts: list[str], template: str) -> list[str]:
+    """Each text put into ``template`` at ``{text}`` (``\\n`` and ``\\t`` as typed on a command
+    line are a newline and a tab)."""
+    if "{text}" not in template:
+        raise CLIError(
+            f"--template {template!r} has no {{text}}; mark where each text goes, e.g. "
+            "'Review: {text}\\nSentiment:'"
+        )
+    template = template.replace("\\n", "\n").replace("\\t", "\t")
+    return [template.replace("{text}", t) for t in texts]
+
+
+def next_words(words: list[str], prompt: str) -> list[str]:
+    """The label words as the word after ``prompt`` is written: with a leading space unless
+    the prompt ends in whitespace or the word has one (``Sentiment:`` + `` positive``)."""
+    if not prompt or prompt[-1].isspace():
+        return list(words)
+    return [w if w[:1].isspace() else " " + w for w in words]
 
 
 def label_token_ids(tokenizer, words: list[str]) -> list[int]:

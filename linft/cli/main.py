@@ -109,12 +109,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _analyze_task(args):
     from .analysis import Task
-    from .load import ModelSpec, encode_labels, load_model, output_helper, read_table, split_rows
+    from .load import (
+        ModelSpec, encode_labels, gguf_source, load_model, next_words, output_helper, prompts,
+        read_table, split_rows,
+    )  # fmt: skip
 
     table = read_table(args.data, args.text_field, args.label_field, args.split_field)
     keep = slice(None, args.max_samples)
     texts = table.texts[keep]
+    if args.template is not None:
+        texts = prompts(texts, args.template)
     words = [w for w in (args.label_words or "").split(",") if w] or None
+    if args.output is None:  # a GGUF file is a causal LM: label words at the last token
+        args.output = "last-token" if gguf_source(Path(args.model)) else "logits"
     labels, classes, train, test = None, [], None, None
     if table.labels is not None:
         labels, classes = encode_labels(table.labels[keep], words)
@@ -126,13 +133,33 @@ def _analyze_task(args):
         target_modules=args.target_modules, num_labels=len(classes) or None, seed=args.seed,
         device=args.device,
     )  # fmt: skip
+    if gguf_source(Path(args.model)):
+        print(f"linft analyze: loading {args.model} (GGUF, dequantized to float32: about a "
+              "minute)", file=sys.stderr)  # fmt: skip
     model, tokenizer, adapter = load_model(spec)
-    output = output_helper(args.output, words, tokenizer)
+    if words and args.template is not None and args.output == "last-token":
+        words_read = next_words(words, texts[0])
+        if words_read != words:
+            shown = ", ".join(repr(w) for w in words_read)
+            print(f"linft analyze: label words read as the next word after the prompt: {shown}",
+                  file=sys.stderr)  # fmt: skip
+    else:
+        words_read = words
+    output = output_helper(args.output, words_read, tokenizer)
     batch = dict(
         tokenizer(
             texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
         )
     )
+    if args.template is not None:  # a cut prompt would lose its end, where the label is read
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        longest = max(range(len(texts)), key=lambda i: lengths[i])
+        if lengths[longest] > args.max_length:
+            raise CLIError(
+                f"row {longest + 1}'s prompt is {lengths[longest]} tokens, more than "
+                f"--max-length {args.max_length}, and cutting it would drop the template's end; "
+                f"pass --max-length {lengths[longest]} or shorten the text"
+            )
     params = args.params if args.params in ("trainable", "lora") else args.params.split(",")
     return Task(model, batch, output, params, labels, classes, train, test), adapter
 
@@ -238,7 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--label-field", help="class labels: kernel regression and the loss curve")
     an.add_argument("--split-field", help="'train' / 'test' per row (default: random split)")
     an.add_argument("--test-fraction", type=float, default=0.25, help="held out without a split")
-    an.add_argument("--output", choices=["logits", "last-token", "mask-token"], default="logits")
+    an.add_argument(
+        "--output", choices=["logits", "last-token", "mask-token"],
+        help="how f(x) is read: logits (default), or last-token (the default for a GGUF model)",
+    )  # fmt: skip
+    an.add_argument(
+        "--template",
+        help="wraps each text, e.g. 'Review: {text}\\nSentiment:' (\\n and \\t are read as "
+        "a newline and a tab); with --label-words the label word is the prompt's next word",
+    )
     an.add_argument("--label-words", help="comma-separated label words for last-token / mask-token")
     an.add_argument("--adapter", help="peft adapter folder to load (trainable) on --model")
     an.add_argument(

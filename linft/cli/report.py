@@ -98,6 +98,11 @@ def _regression_lines(report: dict) -> list[str]:
         )
     if "majority_accuracy" in sgd:
         lines.append(f"  majority class: {sgd['majority_accuracy']:.3f}")
+    if "initial_accuracy" in sgd:
+        lines.append(
+            f"  the model before training (zero-shot with label words): "
+            f"{sgd['initial_accuracy']:.3f}"
+        )
     return lines
 
 
