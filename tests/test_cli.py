@@ -57,6 +57,22 @@ def check_report(out_dir) -> dict:
     if finite:
         assert own[sel["groups"][0]] == min(finite.values())
     assert (out_dir / "report.html").stat().st_size > 0
+    # trace shares from the groups' own kernels; alignment recomputed from the saved kernel
+    shares = report["trace_shares"]
+    total = sum(row["trace"] for row in report["layers"].values())
+    for g, share in shares.items():
+        assert abs(share - report["layers"][g]["trace"] / total) <= 1e-9
+    if "labels" in report:
+        tr = torch.tensor(report["split"]["train"])
+        Ktr = _train_block(K, report).double()
+        n, c = Ktr.shape[:2]
+        y = torch.tensor(report["labels"])[tr]
+        Y = torch.nn.functional.one_hot(y, c).double() if c > 1 else (2.0 * y.double() - 1)[:, None]
+        v = (Y - Y.mean(0)).reshape(-1)
+        M = Ktr.reshape(n * c, -1)
+        expected = float(v @ M @ v) / (float(torch.linalg.matrix_norm(M)) * float(v @ v))
+        assert abs(report["alignment"]["all"] - expected) <= 1e-9
+        assert set(report["alignment"]["groups"]) == set(shares)
     return report
 
 
@@ -450,3 +466,21 @@ def test_a_byte_order_mark_is_read(tmp_path, suffix):
     table = read_table(path, "text", "label")
     assert table.texts == [r["text"] for r in rows]
     assert table.labels == [str(r["label"]) for r in rows]
+
+
+def test_a_group_holding_nearly_all_of_the_trace_is_named_with_the_ranking():
+    from linft.cli.analysis import dominance_note
+    from linft.cli.report import _selection_lines
+
+    shares = {"head": 0.997, "layer.0.query": 0.002, "layer.0.value": 0.001}
+    note = dominance_note(shares, ["layer.0.query", "layer.0.value", "head"])
+    assert "head holds 99.7% of the kernel's trace" in note and "puts it 3 of 3" in note
+    assert dominance_note({"a": 0.6, "b": 0.4}, ["a", "b"]) is None
+    report = {
+        "selection": {"groups": ["a", "b"], "condition_numbers": [2.0, 3.0], "bounds": [2.0, 3.0]},
+        "layers": {"a": {"trace": 1.0, "condition_number": 2.0},
+                   "b": {"trace": 99.0, "condition_number": 5.0}},
+        "dominant_group": note,
+    }  # fmt: skip
+    lines = _selection_lines(report)
+    assert lines[-1] == f"  warning: {note}"  # right under the ranking it qualifies

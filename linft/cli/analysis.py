@@ -299,6 +299,44 @@ def _kernels_from_jacobian(
     return parts, K_sign
 
 
+DOMINANT_SHARE = 0.95  # a group holding more of the trace makes the kernel nearly its own
+
+
+def trace_shares(parts: dict[str, Tensor], tr: Tensor) -> dict[str, float]:
+    """Each group's share of the training kernel's trace (the groups' kernels sum to K)."""
+    traces = {g: float(torch.einsum("icic->", block(k, tr, tr).double())) for g, k in parts.items()}
+    total = sum(traces.values())
+    return {g: (t / total if total > 0 else 0.0) for g, t in traces.items()}
+
+
+def alignment(K: Tensor, labels: Tensor, tr: Tensor) -> float:
+    """Kernel-target alignment of the training block (Cristianini et al. 2002):
+    ``y^T K y / (||K||_F ||y||^2)`` with y the targets centred over the samples, flattened
+    ``[n C]``; 1 when K is the targets' own Gram, 0 when orthogonal to it."""
+    K_tr = block(K, tr, tr).double()
+    n, c = K_tr.shape[:2]
+    Y = targets(labels[tr], c)
+    y = (Y - Y.mean(0)).reshape(-1)
+    M = K_tr.reshape(n * c, n * c)
+    denom = float(torch.linalg.matrix_norm(M)) * float(y @ y)
+    return float(y @ M @ y) / denom if denom > 0 else 0.0
+
+
+def dominance_note(shares: dict[str, float], ranking: list[str]) -> str | None:
+    """What a reader of the layer ranking must know when one group is nearly all of K."""
+    group, share = max(shares.items(), key=lambda item: item[1])
+    if share <= DOMINANT_SHARE:
+        return None
+    place = ranking.index(group) + 1 if group in ranking else None
+    where = f"the ranking by condition number puts it {place} of {len(ranking)}" if place else (
+        "the ranking does not list it")  # fmt: skip
+    return (
+        f"{group} holds {100 * share:.1f}% of the kernel's trace, so the kernel (and every "
+        f"answer from it) is nearly that group's alone; {where}, which says how well-conditioned "
+        "each module's kernel is, not how much it matters: keep it when choosing a few modules"
+    )
+
+
 def _selection(parts: dict[str, Tensor], tr: Tensor, ridge: float, budget, notes: list) -> dict:
     kernels = {name: block(k, tr, tr) for name, k in parts.items()}
     budget = len(kernels) if budget is None else min(int(budget), len(kernels))
@@ -348,9 +386,17 @@ def analyze(
         "selection": selection,
         "layer_ranking": selection["groups"],
         "split": {"train": tr.tolist(), "test": [] if task.test is None else task.test.tolist()},
+        "trace_shares": trace_shares(parts, tr),
     }
+    dominant = dominance_note(report["trace_shares"], selection["groups"])
+    if dominant is not None:  # printed with the ranking (format_report), never apart from it
+        report["dominant_group"] = dominant
     tensors = {"kernel": K}
     if labelled:
+        report["alignment"] = {
+            "all": alignment(K, task.labels, tr),
+            "groups": {g: alignment(k, task.labels, tr) for g, k in parts.items()},
+        }
         report["classes"] = task.classes
         report["labels"] = task.labels.tolist()
         report["regression"] = {

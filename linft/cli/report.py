@@ -76,6 +76,15 @@ def _selection_lines(report: dict) -> list[str]:
             f"  {i:>2}. {plots.short_name(g):<{width}}  kappa {_num(kappa):>9}  "
             f"bound {_num(bound):>9}  own {_num(own):>9}  trace {100 * share:.3g}%"
         )
+    if "dominant_group" in report:
+        lines.append(f"  warning: {report['dominant_group']}")
+    if "alignment" in report:
+        a = report["alignment"]
+        best = max(a["groups"], key=a["groups"].get)
+        lines.append(
+            f"kernel-target alignment (training split): {a['all']:.3g}; highest group "
+            f"{plots.short_name(best)} {a['groups'][best]:.3g}"
+        )
     return lines
 
 
