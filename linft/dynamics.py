@@ -35,12 +35,16 @@ _CHUNK_ELEMENTS = 1 << 22
 # ----------------------------------------------------------------------------- inputs
 
 
-def _kernel_matrix(K: Tensor, name: str = "K") -> tuple[Tensor, int | None]:
-    """``K`` as a float64 ``[N*C, N*C]`` matrix, and C when the 4-D layout tells it (an
-    operator such as ``linft.ntk_operator``'s through its ``to_dense()``: small N)."""
+def _as_tensor(K) -> Tensor:
+    """K as a tensor; an operator (``linft.ntk_operator``) through its ``to_dense()``: small N."""
     if not isinstance(K, Tensor) and callable(getattr(K, "to_dense", None)):
         K = K.to_dense()
-    K = torch.as_tensor(K)
+    return torch.as_tensor(K)
+
+
+def _kernel_matrix(K: Tensor, name: str = "K") -> tuple[Tensor, int | None]:
+    """``K`` as a float64 ``[N*C, N*C]`` matrix, and C when the 4-D layout tells it."""
+    K = _as_tensor(K)
     if K.dim() == 4:
         n, c, n2, c2 = K.shape
         if n != n2 or c != c2:
@@ -389,9 +393,7 @@ def kernel_regression(
     ridge = _check_ridge(ridge)
     if K_test is not None and f0 is not None and f0_test is None:
         raise ValueError("f0_test is required when f0 and K_test are given")
-    if not isinstance(K, Tensor) and callable(getattr(K, "to_dense", None)):
-        K = K.to_dense()  # an operator (linft.ntk_operator): small N
-    K_in = torch.as_tensor(K)
+    K_in = _as_tensor(K)
     K, outputs = _kernel_matrix(K_in)
     Y, flat = _targets(y, K.shape[0], outputs, "y")
     n, c = Y.shape

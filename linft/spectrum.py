@@ -449,13 +449,12 @@ def operator_spectrum(
     tol = (1e-6 if dtype == torch.float64 else 1e-5) if tol is None else float(tol)
     low_rank = isinstance(P, int) and P < n  # rank <= P < n: lambda_min = 0 exactly
     # Values only: F^T F (one pass over F per product) has K's nonzero eigenvalues
-    if features_route(A) and k <= P and P > 256:
-        top_of, method = A.feature_kernel(), "features"
-    else:
-        top_of, method = A, "krylov" if n > 256 else "auto"
+    features = features_route(A) and k <= P and P > 256
+    top_of = A.feature_kernel() if features else A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # how well lambda_min is resolved is judged below
-        top = topk_eigh(top_of, k, tol=tol, seed=0, method="krylov" if method != "auto" else "auto")
+        top = topk_eigh(top_of, k, tol=tol, seed=0,
+                        method="krylov" if features or n > 256 else "auto")  # fmt: skip
         bottom = None if low_rank else topk_eigh(A, 1, largest=False, tol=tol, seed=1)
     if not top.converged:
         warnings.warn(
@@ -489,7 +488,7 @@ def operator_spectrum(
     out = summary(eigs, lmax, lmin, lmin <= tau, rank, trace, tau, source, ridge, n, k == n,
                   fit_range, eigs)  # fmt: skip
     out.certified = top.errors.cpu()
-    out.method = "features" if method == "features" else top.method
+    out.method = "features" if features else top.method
     return out
 
 

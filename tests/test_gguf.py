@@ -15,12 +15,12 @@ import torch
 from checks import assert_rel_close, gram
 from reference import reference_jacobian
 from safetensors.torch import load_file
+from sst2 import sst2_rows
 
 import linft
 from linft.cli import main
 from linft.cli.load import CLIError, ModelSpec, load_model, prompts
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
 TEMPLATE = "Review: {text}\\nSentiment:"  # as typed on a command line
 TARGETS = "layers.29.self_attn.q_proj,layers.29.self_attn.v_proj"  # LoRA on the last layer
 
@@ -38,14 +38,7 @@ def gguf() -> str:
 
 
 def _rows(n: int) -> list[tuple[str, int]]:
-    if SST2.is_file():
-        with open(SST2, newline="") as fh:
-            rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(fh, delimiter="\t")]
-    else:
-        from linft.cli.demo import sst2_demo
-
-        texts, labels, _ = sst2_demo(64)
-        rows = list(zip(texts, labels, strict=True))
+    rows = sst2_rows("dev")
     rows = [r for r in rows if len(r[0].split()) <= 10]
     pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(5))[:n].tolist()
     return [rows[i] for i in pick]

@@ -4,23 +4,21 @@ per-sample reference, and the demo's printed figures against a recomputation."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from checks import assert_rel_close, gram
 from reference import reference_jacobian
 from safetensors.torch import load_file
+from sst2 import sst2_rows
 
 import linft
 from linft.cli import main
 from linft.cli.demo import minilm_path
 from linft.select import select_from_kernels
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "test.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +33,7 @@ def minilm() -> str:
 
 def _sentences(n: int) -> tuple[list[str], list[int]]:
     """n random SST-2 sentences: the shared data set where it is, else the shipped subset."""
-    if SST2.is_file():
-        with open(SST2, newline="") as fh:
-            rows = [(r["sentence"], int(r["label"])) for r in csv.DictReader(fh, delimiter="\t")]
-    else:
-        from linft.cli.demo import sst2_demo
-
-        texts, labels, _ = sst2_demo(128)
-        rows = list(zip(texts, labels, strict=True))
+    rows = sst2_rows("test")
     rows = [r for r in rows if len(r[0].split()) <= 12]  # short: the reference is per sample
     pick = torch.randperm(len(rows))[:n].tolist()
     return [rows[i][0] for i in pick], [rows[i][1] for i in pick]

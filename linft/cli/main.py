@@ -120,8 +120,9 @@ def _analyze_task(args):
     if args.template is not None:
         texts = prompts(texts, args.template)
     words = [w for w in (args.label_words or "").split(",") if w] or None
+    gguf = gguf_source(Path(args.model)) is not None
     if args.output is None:  # a GGUF file is a causal LM: label words at the last token
-        args.output = "last-token" if gguf_source(Path(args.model)) else "logits"
+        args.output = "last-token" if gguf else "logits"
     labels, classes, train, test = None, [], None, None
     if table.labels is not None:
         labels, classes = encode_labels(table.labels[keep], words)
@@ -133,7 +134,7 @@ def _analyze_task(args):
         target_modules=args.target_modules, num_labels=len(classes) or None, seed=args.seed,
         device=args.device,
     )  # fmt: skip
-    if gguf_source(Path(args.model)):
+    if gguf:
         print(f"linft analyze: loading {args.model} (GGUF, dequantized to float32: about a "
               "minute)", file=sys.stderr)  # fmt: skip
     model, tokenizer, adapter = load_model(spec)
